@@ -1,0 +1,3 @@
+from busgen_lib.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Manifests, validation, importers, the BUS phantom and torch datasets."""

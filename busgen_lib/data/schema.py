@@ -1,0 +1,59 @@
+"""The manifest schema of DESIGN.md: one row per image, boxes relative 0..1 as JSON.
+
+Kept apart from validation and I/O so that every module (phantom, importers,
+datasets, samplers) speaks the same vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+Box = tuple[float, float, float, float]
+
+# Column order of every manifest we write. `mask` is optional on read.
+COLUMNS: tuple[str, ...] = (
+    "image", "patient_id", "exam_id", "lesion_id", "view", "split",
+    "pathology", "subtype", "birads", "device", "boxes", "mask",
+)
+REQUIRED_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c != "mask")
+
+PATHOLOGIES: tuple[str, ...] = ("normal", "benign", "malignant")
+# ACR BI-RADS final assessment categories as written in reports (0 = incomplete).
+BIRADS: tuple[str, ...] = ("0", "1", "2", "3", "4a", "4b", "4c", "5", "6")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def parse_boxes(text: str) -> list[Box]:
+    """Parse the `boxes` JSON field into tuples; raises ValueError with the reason."""
+    if text is None or (isinstance(text, float) and text != text) or str(text).strip() == "":
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg})") from None
+    if not isinstance(value, list):
+        raise ValueError("must be a JSON list of [x0, y0, x1, y1]")
+    boxes = []
+    for i, box in enumerate(value):
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise ValueError(f"box {i} must be a list of four numbers, got {box!r}")
+        boxes.append(tuple(float(v) for v in box))
+    return boxes
+
+
+def format_boxes(boxes: Sequence[Sequence[float]]) -> str:
+    """Serialise boxes to the manifest's JSON form (6 decimals: sub-pixel at 4K)."""
+    return json.dumps([[round(float(v), 6) for v in box] for box in boxes])
+
+
+def box_problem(box: Box) -> str | None:
+    """Why a relative box is invalid, or None when it is fine."""
+    x0, y0, x1, y1 = box
+    if not all(0.0 <= v <= 1.0 for v in box):
+        return f"coordinates outside 0..1: {list(box)}"
+    if x0 >= x1:
+        return f"x0 >= x1: {list(box)}"
+    if y0 >= y1:
+        return f"y0 >= y1: {list(box)}"
+    return None

@@ -1,0 +1,1 @@
+"""Scanner device types: the registry, and (later) CycleGAN translation between them."""

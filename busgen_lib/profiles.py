@@ -1,0 +1,36 @@
+"""Named run profiles (smoke / demo / paper): the one table every number comes from.
+
+A notebook receives the profile name as a papermill parameter and reads its
+sizes here, so that `PROFILE=paper make figures` scales the whole study.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    image_size: int          # training/generation resolution (px, square)
+    phantom_images: int      # size of the embedded phantom dataset
+    phantom_size: int        # resolution the phantom is rendered at
+    batch_size: int
+    num_workers: int
+    max_boxes: int = 4       # padded lesion boxes per image (conditions)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile("smoke", image_size=32, phantom_images=160, phantom_size=64, batch_size=16, num_workers=0),
+    "demo": Profile("demo", image_size=64, phantom_images=3000, phantom_size=128, batch_size=32, num_workers=0),
+    "paper": Profile("paper", image_size=160, phantom_images=100_000, phantom_size=256, batch_size=64, num_workers=8),
+}
+
+
+def get_profile(name: str, **overrides) -> Profile:
+    """Look up a profile by name, optionally overriding fields (e.g. from a notebook)."""
+    try:
+        profile = PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}") from None
+    return replace(profile, **overrides) if overrides else profile
