@@ -1,0 +1,57 @@
+"""Where a run's datasets come from: the phantom for the profile, and the real sets.
+
+Notebooks call these instead of building paths themselves, so every notebook
+of one profile reads the same files under `runs/<profile>/data/`, and a
+dataset is built once (its parameters are stamped beside it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from busgen_lib.profiles import get_profile
+
+# The compact public copies under ../shared/datasets/ (see data_manifests/README.md).
+REAL_DATASETS = ("busi", "bus_uclm", "breast_lesions_usg")
+STAMP = "dataset.json"
+
+
+def _is_current(out: Path, params: dict) -> bool:
+    stamp = out / STAMP
+    return (out / "manifest.csv").exists() and stamp.exists() and json.loads(stamp.read_text()) == params
+
+
+def _stamp(out: Path, params: dict) -> None:
+    (out / STAMP).write_text(json.dumps(params, indent=1))
+
+
+def phantom_dataset(profile: str, runs_dir: str | Path, seed: int = 0) -> Path:
+    """The profile's phantom dataset (rendered on first use); returns its manifest."""
+    from busgen_lib.data.phantom import write_phantom
+
+    p = get_profile(profile)
+    out = Path(runs_dir) / "data" / "phantom"
+    params = {"n": p.phantom_images, "size": p.phantom_size, "seed": seed}
+    if not _is_current(out, params):
+        write_phantom(out, n=p.phantom_images, size=p.phantom_size, seed=seed)
+        _stamp(out, params)
+    return out / "manifest.csv"
+
+
+def real_datasets(datasets_dir: str | Path, runs_dir: str | Path) -> dict[str, Path]:
+    """Manifests for the real datasets present under `datasets_dir` (missing ones skipped)."""
+    from busgen_lib.data.importers import import_shared
+
+    found = {}
+    for name in REAL_DATASETS:
+        source = Path(datasets_dir) / name
+        if not (source / "manifest.csv").exists():
+            continue
+        out = Path(runs_dir) / "data" / name
+        params = {"source": str(source.resolve())}
+        if not _is_current(out, params):
+            import_shared(name, source, out)
+            _stamp(out, params)
+        found[name] = out / "manifest.csv"
+    return found
