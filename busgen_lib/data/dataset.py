@@ -1,0 +1,198 @@
+"""The torch Dataset that feeds pretraining and adaptation (§4.3.1–4.3.2), and class-balanced resampling.
+
+A sample carries the three conditions of the reference code: pathology and device
+as integer indices with 0 reserved for the null (unconditional / unknown) token,
+used by classifier-free guidance, and the lesion boxes both as padded
+coordinates and as a binary box-mask channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from busgen_lib.data.augment import AugmentConfig, augment, prepare
+from busgen_lib.data.schema import PATHOLOGIES, parse_boxes
+
+NULL_INDEX = 0  # the null token of every categorical condition (CFG's unconditional class)
+PATHOLOGY_INDEX: dict[str, int] = {p: i + 1 for i, p in enumerate(PATHOLOGIES)}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillow opens 16-bit PNGs
+
+
+# --------------------------------------------------------------------------- helpers
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys, e.g. (seed, epoch, index).
+
+    Deriving per-sample seeds (instead of drawing from one shared stream) makes a
+    sample's augmentation independent of worker count, order and resumption.
+    """
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def boxes_to_mask(boxes: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Rasterise relative boxes (..., N, 4) into a float mask (..., H, W): 1 inside any box.
+
+    Pixel (r, c) is inside [x0, y0, x1, y1] when its centre ((c + 0.5) / W, (r + 0.5) / H)
+    lies in [x0, x1) x [y0, y1): the pixel-exact rule that samplers reuse, so the box
+    channel at training and at sampling time agree. All-zero padding boxes are empty.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    cy = (torch.arange(height, dtype=torch.float32, device=boxes.device) + 0.5) / height
+    cx = (torch.arange(width, dtype=torch.float32, device=boxes.device) + 0.5) / width
+    x0, y0, x1, y1 = (boxes[..., k, None] for k in range(4))
+    inside_y = (cy >= y0) & (cy < y1)  # (..., N, H)
+    inside_x = (cx >= x0) & (cx < x1)  # (..., N, W)
+    return (inside_y[..., :, None] & inside_x[..., None, :]).any(dim=-3).to(torch.float32)
+
+
+def load_grayscale(path: str | Path) -> torch.Tensor:
+    """Read an image file as a (1, H, W) float32 tensor in [0, 1].
+
+    Colour images become ITU-R 601-2 luma via PIL's convert("L") (alpha dropped);
+    16-bit images are divided by 65535 so that their full range maps to [0, 1].
+    """
+    with Image.open(path) as im:
+        if im.mode in _SIXTEEN_BIT_MODES:
+            array = np.asarray(im, dtype=np.float32) / 65535.0
+        else:
+            array = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy(np.clip(array, 0.0, 1.0))[None]
+
+
+def _is_empty(value: object) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or str(value).strip() == ""
+
+
+def keep_largest(boxes: torch.Tensor, max_boxes: int) -> torch.Tensor:
+    """The `max_boxes` largest boxes by area, largest first (ties keep manifest order).
+
+    Larger lesions dominate the image, so they are the conditions worth keeping when
+    an image has more lesions than the model has box slots.
+    """
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    order = torch.sort(area, descending=True, stable=True).indices
+    return boxes[order[:max_boxes]]
+
+
+# --------------------------------------------------------------------------- dataset
+
+class BUSDataset(Dataset):
+    """Manifest rows → dicts of image in [-1, 1] (the diffusion convention) and its conditions.
+
+    `train=True` applies `augment` with randomness derived from (seed, epoch, index):
+    DataLoader workers and resumed runs see the same augmentation. Call
+    `set_epoch` before each epoch; it reaches workers because non-persistent
+    workers copy the dataset when an epoch's iteration starts (with
+    `persistent_workers=True` it would not).
+    """
+
+    def __init__(
+        self,
+        df: pd.DataFrame,
+        root: str | Path | None = None,
+        image_size: int = 64,
+        train: bool = False,
+        max_boxes: int = 4,
+        device_vocab: Sequence[str] | None = None,
+        augment_config: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        root = root if root is not None else df.attrs.get("root")
+        if root is None:
+            raise ValueError("no image root: pass root=... or set df.attrs['root'] to the manifest's folder")
+        self.df = df.reset_index(drop=True)
+        self.root = Path(root)
+        self.image_size, self.train, self.max_boxes, self.seed = image_size, train, max_boxes, seed
+        self.augment_config = augment_config or AugmentConfig()
+        self.device_vocab: tuple[str, ...] = tuple(
+            device_vocab if device_vocab is not None
+            else sorted({str(d) for d in df["device"] if not _is_empty(d)})
+        )
+        self.epoch = 0
+        self._pathology = [self._pathology_index(i, p) for i, p in enumerate(self.df["pathology"])]
+        self._device = [self._device_index(i, d) for i, d in enumerate(self.df["device"])]
+
+    def _pathology_index(self, row: int, name: object) -> int:
+        try:
+            return PATHOLOGY_INDEX[str(name)]
+        except KeyError:
+            raise ValueError(f"row {row} ({self.df['image'][row]}): pathology {name!r} is not one of "
+                             f"{', '.join(PATHOLOGIES)}") from None
+
+    def _device_index(self, row: int, name: object) -> int:
+        """0 for an empty device, else 1 + position in the vocabulary; an unknown name is an error,
+        since silently mapping it to the null token would train a real device as 'unknown'."""
+        if _is_empty(name):
+            return NULL_INDEX
+        if str(name) not in self.device_vocab:
+            raise ValueError(f"row {row} ({self.df['image'][row]}): device {name!r} is not in the device "
+                             f"vocabulary {list(self.device_vocab)}; add it to device_vocab")
+        return self.device_vocab.index(str(name)) + 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draw of this epoch (the same epoch always gives the same samples)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        row = self.df.iloc[index]
+        image = load_grayscale(self.root / row["image"])
+        boxes = torch.tensor(parse_boxes(row["boxes"]), dtype=torch.float32).reshape(-1, 4)
+        if self.train:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index))
+            image, boxes = augment(image, boxes, self.image_size, self.augment_config, generator)
+        else:
+            image, boxes = prepare(image, boxes, self.image_size)
+        # Truncating after the crop keeps every lesion whole; crops scale all areas alike, so the kept set is the same.
+        boxes = keep_largest(boxes, self.max_boxes)
+        padded = torch.zeros(self.max_boxes, 4)
+        padded[: len(boxes)] = boxes
+        valid = torch.arange(self.max_boxes) < len(boxes)
+        return {
+            "image": image * 2.0 - 1.0,
+            "pathology": torch.tensor(self._pathology[index], dtype=torch.int64),
+            "device": torch.tensor(self._device[index], dtype=torch.int64),
+            "boxes": padded,
+            "box_valid": valid,
+            "box_mask": boxes_to_mask(boxes, self.image_size)[None],
+            "index": index,
+        }
+
+
+# --------------------------------------------------------------------------- class-balanced resampling
+
+class ClassBalancedSampler(WeightedRandomSampler):
+    """Draws `num_samples` indices with replacement, each class equally likely in expectation.
+
+    Weights are 1 / (count of the row's class). The generator is re-seeded from
+    (seed, epoch) at every iteration, so an epoch's draw is reproducible after a
+    resume; call `set_epoch` for a new draw, as with DistributedSampler.
+    """
+
+    def __init__(self, labels: Sequence[object], num_samples: int | None = None, seed: int = 0, epoch: int = 0):
+        labels = pd.Series(list(labels))
+        weights = 1.0 / labels.map(labels.value_counts()).to_numpy(dtype=np.float64)
+        super().__init__(weights.tolist(), num_samples or len(labels), replacement=True, generator=torch.Generator())
+        self.seed, self.epoch = seed, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(derive_seed(self.seed, self.epoch))
+        return super().__iter__()
+
+
+def class_balanced_sampler(source: pd.DataFrame | BUSDataset, epoch: int = 0, seed: int = 0) -> ClassBalancedSampler:
+    """The per-epoch class-balanced resampling of pretraining: len(source) draws balanced over pathology."""
+    df = source.df if isinstance(source, BUSDataset) else source
+    return ClassBalancedSampler(df["pathology"].astype(str).tolist(), seed=seed, epoch=epoch)
