@@ -52,6 +52,18 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- diffusion
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from busgen_lib.diffusion.train import pretrain
+
+    overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v is not None}
+    model_dir = pretrain(args.manifest, args.profile, args.out, resume=args.resume, train_overrides=overrides,
+                         model_overrides={"box_mode": args.box_mode} if args.box_mode else None)
+    print(model_dir)
+    return 0
+
+
 # ---------------------------------------------------------------------- notebooks
 
 def _notebooks(args: argparse.Namespace) -> int:
@@ -91,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="for `folder`: CSV with the image file name and pathology per row")
     p.add_argument("--out", required=True, help="output folder for manifest.csv")
     p.set_defaults(func=_import)
+
+    p = sub.add_parser("pretrain", help="train the conditional diffusion model (runs under `accelerate launch` too)")
+    p.add_argument("--manifest", required=True, help="training manifest (rows with split == train are used)")
+    p.add_argument("--profile", default="demo", help="smoke | demo | paper: image size, network and optimiser")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, loss.csv, model/")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--steps", type=int, help="override the profile's number of optimisation steps")
+    p.add_argument("--batch-size", type=int, help="override the profile's global batch size")
+    p.add_argument("--box-mode", choices=["mask", "embedding", "both"],
+                   help="box conditioning: box-mask channel (reference code), sinusoidal embedding (paper), or both")
+    p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("notebooks", help="execute the numbered notebooks with papermill")
     p.add_argument("--profile", default="demo", help="smoke | demo | paper")

@@ -1,0 +1,219 @@
+"""Pretraining BUSGen (§4.3.1): one loop for one CPU, one GPU, or many GPUs/nodes via `accelerate`.
+
+Everything random is derived from (seed, step, process) or (seed, epoch), never
+from how long the process has been running, so `--resume` from a checkpoint
+reaches the same weights as an uninterrupted run, and every data-parallel
+replica stays identical (DDP averages the gradients).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from busgen_lib.data.dataset import BUSDataset, ClassBalancedSampler, derive_seed
+from busgen_lib.data.manifest import read_manifest
+from busgen_lib.diffusion.box_prior import BoxPrior
+from busgen_lib.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from busgen_lib.diffusion.model import BUSGenUNet, config_for_profile
+from busgen_lib.diffusion.schedule import ddpm_scheduler, diffusion_loss
+from busgen_lib.profiles import get_profile
+
+BOX_PRIOR_FILE = "box_prior.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; defaults per profile in TRAIN_CONFIGS (reference: no EMA)."""
+
+    steps: int
+    batch_size: int                 # global batch, split evenly over processes
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float | None = None  # e.g. 0.999; None = no EMA
+    checkpoint_every: int = 500
+    log_every: int = 10
+    mixed_precision: str = "bf16"   # used on GPUs only; CPU runs stay in fp32
+    balanced: bool = True           # class-balanced resampling per epoch
+    seed: int = 0
+
+
+TRAIN_CONFIGS: dict[str, TrainConfig] = {
+    "smoke": TrainConfig(steps=24, batch_size=8, learning_rate=1e-3, warmup_steps=4, checkpoint_every=12, log_every=4),
+    "demo": TrainConfig(steps=1500, batch_size=32, learning_rate=1e-3, warmup_steps=100, checkpoint_every=250),
+    "paper": TrainConfig(steps=400_000, batch_size=64, learning_rate=1e-4, warmup_steps=2000, checkpoint_every=5000,
+                         log_every=100),
+}
+
+
+def train_config(profile: str, **overrides: Any) -> TrainConfig:
+    config = TRAIN_CONFIGS[get_profile(profile).name]
+    return replace(config, **overrides) if overrides else config
+
+
+# --------------------------------------------------------------------------- data order
+
+def epoch_batches(dataset: BUSDataset, epoch: int, config: TrainConfig) -> list[list[int]]:
+    """The global batches of one epoch: class-balanced (or plain shuffled) indices cut into full batches."""
+    n = max(len(dataset), config.batch_size)
+    if config.balanced:
+        order = list(ClassBalancedSampler(dataset.df["pathology"].astype(str).tolist(), num_samples=n,
+                                          seed=config.seed, epoch=epoch))
+    else:
+        g = torch.Generator().manual_seed(derive_seed(config.seed, epoch))
+        order = torch.randint(len(dataset), (n,), generator=g).tolist() if n > len(dataset) else \
+            torch.randperm(len(dataset), generator=g).tolist()
+    return [order[i:i + config.batch_size] for i in range(0, n - config.batch_size + 1, config.batch_size)]
+
+
+def _loader(dataset: BUSDataset, batches: list[list[int]], rank: int, world: int, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=[b[rank::world] for b in batches], num_workers=workers)
+
+
+# --------------------------------------------------------------------------- logging
+
+class LossLog:
+    """loss.csv (always) and TensorBoard (when installed); rows past a resumed step are dropped."""
+
+    FIELDS = ("step", "epoch", "loss", "lr", "images_per_s")
+
+    def __init__(self, run_dir: Path, start_step: int):
+        self.path = run_dir / "loss.csv"
+        rows = []
+        if self.path.exists():
+            with self.path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(run_dir / "tensorboard", purge_step=start_step + 1)
+        except ImportError:
+            self.tensorboard = None
+
+    def write(self, **row: float) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.FIELDS).writerow(row)
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("loss", row["loss"], row["step"])
+            self.tensorboard.add_scalar("lr", row["lr"], row["step"])
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of all weights in a fixed order: equal digests mean bit-identical replicas."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- the loop
+
+def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: bool = False,
+             train_overrides: dict[str, Any] | None = None, model_overrides: dict[str, Any] | None = None,
+             progress: bool = True) -> Path:
+    """Train a BUSGen model on the manifest's `train` split; returns the model folder `out/model`.
+
+    `out` also holds `checkpoints/` (every `checkpoint_every` steps, atomic),
+    `loss.csv`, and one `replica-<rank>.sha256` per process (identical under
+    data parallelism). A second call without `resume` refuses to overwrite.
+    """
+    config = train_config(profile, **(train_overrides or {}))
+    out = Path(out)
+    if not resume and latest_checkpoint(out) is not None:
+        raise FileExistsError(f"{out} already holds a training run; pass resume=True (--resume) to continue it "
+                              f"or choose another output folder")
+    gpu = torch.cuda.is_available()
+    # Without a GPU, `cpu=True` makes a torchrun/`accelerate launch --multi_gpu` start use gloo across CPU processes.
+    accelerator = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu and config.mixed_precision == "bf16" else "no")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
+
+    df = read_manifest(manifest)
+    train_df = df[df["split"] == "train"]
+    if train_df.empty:
+        raise ValueError(f"{manifest}: no rows with split == 'train' to pretrain on")
+    prof = get_profile(profile)
+    dataset = BUSDataset(train_df, root=df.attrs["root"], image_size=prof.image_size, train=True,
+                         max_boxes=prof.max_boxes, seed=config.seed)
+    torch.manual_seed(config.seed)  # identical initial weights on every process
+    model = BUSGenUNet(config_for_profile(profile, dataset.device_vocab, **(model_overrides or {})))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    # The LR schedule is stepped by hand once per optimisation step, so it is not given to `prepare`
+    # (which would step it once per process).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    net = accelerator.unwrap_model(model)
+    ema = EMAModel(net.parameters(), decay=config.ema_decay) if config.ema_decay else None
+    if ema is not None:
+        ema.to(accelerator.device)
+    step = 0
+    if resume and (ckpt := latest_checkpoint(out)) is not None:
+        step = load_checkpoint(ckpt, net, optimizer.optimizer, lr_scheduler, ema)
+    noise_schedule = ddpm_scheduler(net.config)
+    out.mkdir(parents=True, exist_ok=True)
+    log = LossLog(out, step) if accelerator.is_main_process else None
+
+    steps_per_epoch = max(len(dataset), config.batch_size) // config.batch_size
+    bar = tqdm(total=config.steps, initial=step, desc="pretrain", disable=not (progress and accelerator.is_main_process))
+    tick = time.perf_counter()
+    while step < config.steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        batches = epoch_batches(dataset, epoch, config)[offset:]
+        for batch in _loader(dataset, batches, rank, world, prof.num_workers):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items() if torch.is_tensor(v)}
+            torch.manual_seed(derive_seed(config.seed, step, rank))  # noise, t and condition dropout of this step
+            model.train()
+            with accelerator.autocast():
+                loss = diffusion_loss(model, batch, scheduler=noise_schedule)
+            accelerator.backward(loss)
+            if config.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(net.parameters())
+            step += 1
+            bar.update(1)
+            mean_loss = accelerator.reduce(loss.detach(), "mean").item()
+            if log is not None and (step % config.log_every == 0 or step == config.steps):
+                elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+                log.write(step=step, epoch=epoch, loss=mean_loss, lr=lr_scheduler.get_last_lr()[0],
+                          images_per_s=config.batch_size * config.log_every / max(elapsed, 1e-9))
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                if accelerator.is_main_process:
+                    save_checkpoint(out, step, net, optimizer.optimizer, lr_scheduler, ema)
+                accelerator.wait_for_everyone()
+            if step >= config.steps:
+                break
+    bar.close()
+    (out / f"replica-{rank}.sha256").write_text(weights_digest(net))
+    model_dir = out / "model"
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(net.parameters())  # the exported model carries the averaged weights
+        prior = BoxPrior.fit(train_df)
+        save_model(net, model_dir, extra_files={BOX_PRIOR_FILE: json.dumps(prior.to_json())})
+    accelerator.wait_for_everyone()
+    return model_dir
