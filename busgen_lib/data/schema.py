@@ -20,8 +20,14 @@ REQUIRED_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c != "mask")
 
 PATHOLOGIES: tuple[str, ...] = ("normal", "benign", "malignant")
 # ACR BI-RADS final assessment categories as written in reports (0 = incomplete).
-BIRADS: tuple[str, ...] = ("0", "1", "2", "3", "4a", "4b", "4c", "5", "6")
+# "4" is category 4 without its a/b/c subdivision, as BUS-BRA and many reports give it.
+BIRADS: tuple[str, ...] = ("0", "1", "2", "3", "4", "4a", "4b", "4c", "5", "6")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+# Optional flag column: 1 on a benign/malignant image whose lesion has no box
+# (classification-only labels, or a mask that could not be aligned). Validation
+# accepts such lesion images without boxes; detection code must exclude them.
+BOXES_MISSING = "boxes_missing"
 
 
 def parse_boxes(text: str) -> list[Box]:
