@@ -1,0 +1,89 @@
+"""From a trained model folder to a labelled synthetic dataset (the `sample` command).
+
+Joins the pieces: the model and its box prior (checkpoint.py), a generation
+plan (plan.py), the guided sampler (sample.py) and the sharded, resumable
+writer (generate.py). The requested conditions become the labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+
+from busgen_lib.data.dataset import boxes_to_mask
+from busgen_lib.data.schema import PATHOLOGIES
+from busgen_lib.diffusion.box_prior import BoxPrior
+from busgen_lib.diffusion.checkpoint import load_model
+from busgen_lib.diffusion.generate import generate_distributed
+from busgen_lib.diffusion.model import SAMPLING_DEFAULTS, BUSGenUNet
+from busgen_lib.diffusion.plan import Request, balanced_plan, explicit_plan
+from busgen_lib.diffusion.sample import CondFn, sample
+from busgen_lib.diffusion.train import BOX_PRIOR_FILE
+
+
+def requests_to_cond(requests: Sequence[Request], model: BUSGenUNet, device: torch.device | str = "cpu"
+                     ) -> dict[str, torch.Tensor]:
+    """Condition tensors for a batch of requests, indexed as the training data was (0 = null)."""
+    config = model.config
+    pathology = torch.tensor([PATHOLOGIES.index(r.pathology) + 1 for r in requests])
+    devices = torch.tensor([config.device_names.index(r.device) + 1 if r.device else 0 for r in requests])
+    boxes = torch.zeros(len(requests), config.max_boxes, 4)
+    for i, r in enumerate(requests):
+        if len(r.boxes) > config.max_boxes:
+            raise ValueError(f"request {r.index}: {len(r.boxes)} boxes, the model takes at most {config.max_boxes}")
+        if r.boxes:
+            boxes[i, : len(r.boxes)] = torch.tensor(r.boxes, dtype=torch.float32)
+    valid = torch.arange(config.max_boxes)[None] < torch.tensor([len(r.boxes) for r in requests])[:, None]
+    mask = boxes_to_mask(torch.where(valid[..., None], boxes, 0.0), config.image_size)[:, None]
+    cond = {"pathology": pathology, "device": devices, "boxes": boxes, "box_valid": valid, "box_mask": mask}
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 1, S, S) in [-1, 1] → (B, S, S) uint8, the inverse of the dataset's scaling."""
+    return ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def model_sample_fn(model: BUSGenUNet, *, steps: int, guidance: float, sampler: str, order: int,
+                    cond_fn: CondFn | None = None, device: torch.device | str = "cpu"
+                    ) -> Callable[[Sequence[Request]], np.ndarray]:
+    """A `generate` sample_fn: each request's image depends on its own seed only (per-sample noise)."""
+    def sample_fn(requests: Sequence[Request]) -> np.ndarray:
+        cond = requests_to_cond(requests, model, device)
+        images = sample(model, cond, sampler=sampler, steps=steps, order=order, guidance=guidance,
+                        seeds=[r.seed for r in requests], cond_fn=cond_fn, progress=False)
+        return to_uint8(images)
+    return sample_fn
+
+
+def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str | Path = "balanced",
+                   steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+                   order: int | None = None, seed: int = 0, batch_size: int = 16,
+                   pathologies: Sequence[str] = PATHOLOGIES, devices: Sequence[str] | None = None,
+                   cond_fn: CondFn | None = None) -> Path:
+    """Generate `n` images (or the rows of an explicit plan CSV) into `out`; returns the merged manifest.
+
+    Every plan entry is checked against the model's vocabularies before sampling
+    starts. Under `accelerate launch` each process writes its own shard.
+    """
+    model_dir = Path(model_dir)
+    model = load_model(model_dir)
+    defaults = SAMPLING_DEFAULTS[model.config.profile]
+    prior = BoxPrior.load(model_dir / BOX_PRIOR_FILE)
+    known = model.config.device_names
+    if str(plan) == "balanced":
+        requests = balanced_plan(n, pathologies, devices or known or ("",), prior, seed,
+                                 known_devices=(*known, ""))
+    else:
+        requests = explicit_plan(plan, devices=(*known, ""), seed=seed, box_prior=prior)
+    device = PartialState(cpu=not torch.cuda.is_available()).device  # this process's GPU under accelerate
+    model.to(device)
+    fn = model_sample_fn(model, steps=steps or defaults.steps, guidance=defaults.guidance if guidance is None else guidance,
+                         sampler=sampler or defaults.sampler, order=order or defaults.order, cond_fn=cond_fn,
+                         device=device)
+    return generate_distributed(requests, fn, out, batch_size=batch_size, generator=str(model_dir),
+                                cpu=not torch.cuda.is_available())
