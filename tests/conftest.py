@@ -11,3 +11,12 @@ from busgen_lib.data.phantom import write_phantom
 def tiny_phantom(tmp_path_factory) -> Path:
     """60 phantom images at 32 px (all pathologies, several devices): enough to train a few steps."""
     return write_phantom(tmp_path_factory.mktemp("phantom") , n=60, size=32, seed=7, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_model(tiny_phantom, tmp_path_factory) -> Path:
+    """A smoke-profile model folder trained for a few steps on `tiny_phantom` (weights barely matter)."""
+    from busgen_lib.diffusion.train import pretrain
+
+    out = tmp_path_factory.mktemp("smoke_run")
+    return pretrain(tiny_phantom, "smoke", out, train_overrides={"steps": 2, "batch_size": 4}, progress=False)
