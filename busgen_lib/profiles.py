@@ -18,12 +18,16 @@ class Profile:
     batch_size: int
     num_workers: int
     max_boxes: int = 4       # padded lesion boxes per image (conditions)
+    eval_samples: int = 150  # generated images per model for the conditioning-control numbers (notebook 01)
+    probe_epochs: int = 8    # epochs of the small real-data classifiers/segmenter that judge generated images
 
 
 PROFILES: dict[str, Profile] = {
-    "smoke": Profile("smoke", image_size=32, phantom_images=160, phantom_size=64, batch_size=16, num_workers=0),
+    "smoke": Profile("smoke", image_size=32, phantom_images=160, phantom_size=64, batch_size=16, num_workers=0,
+                     eval_samples=12, probe_epochs=1),
     "demo": Profile("demo", image_size=64, phantom_images=3000, phantom_size=128, batch_size=32, num_workers=0),
-    "paper": Profile("paper", image_size=160, phantom_images=100_000, phantom_size=256, batch_size=64, num_workers=8),
+    "paper": Profile("paper", image_size=160, phantom_images=100_000, phantom_size=256, batch_size=64, num_workers=8,
+                     eval_samples=3000, probe_epochs=20),
 }
 
 

@@ -54,7 +54,7 @@ class TrainConfig:
 
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "smoke": TrainConfig(steps=24, batch_size=8, learning_rate=1e-3, warmup_steps=4, checkpoint_every=12, log_every=4),
-    "demo": TrainConfig(steps=1500, batch_size=32, learning_rate=1e-3, warmup_steps=100, checkpoint_every=250),
+    "demo": TrainConfig(steps=600, batch_size=16, learning_rate=1e-3, warmup_steps=50, checkpoint_every=100),
     "paper": TrainConfig(steps=400_000, batch_size=64, learning_rate=1e-4, warmup_steps=2000, checkpoint_every=5000,
                          log_every=100),
 }
