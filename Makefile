@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROFILE ?= demo
 JOBS   ?= 2
+BENCH_ARGS ?=
 
 .PHONY: env figures test pytest notebooks-smoke lab bench clean
 
@@ -34,7 +35,7 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=.
 
 bench: $(STAMP)
-	for b in bench/*.py; do $(PY) $$b --profile $(PROFILE) || exit 1; done
+	for b in bench/[!_]*.py; do $(PY) $$b --profile $(PROFILE) $(BENCH_ARGS) || exit 1; done
 
 clean:
 	rm -rf runs figures/smoke figures/demo
