@@ -15,7 +15,6 @@ class Profile:
     image_size: int          # training/generation resolution (px, square)
     phantom_images: int      # size of the embedded phantom dataset
     phantom_size: int        # resolution the phantom is rendered at
-    batch_size: int
     num_workers: int
     max_boxes: int = 4       # padded lesion boxes per image (conditions)
     eval_samples: int = 150  # generated images per model for the conditioning-control numbers (notebook 01)
@@ -23,10 +22,10 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "smoke": Profile("smoke", image_size=32, phantom_images=160, phantom_size=64, batch_size=16, num_workers=0,
+    "smoke": Profile("smoke", image_size=32, phantom_images=160, phantom_size=64, num_workers=0,
                      eval_samples=12, probe_epochs=1),
-    "demo": Profile("demo", image_size=64, phantom_images=3000, phantom_size=128, batch_size=32, num_workers=0),
-    "paper": Profile("paper", image_size=160, phantom_images=100_000, phantom_size=256, batch_size=64, num_workers=8,
+    "demo": Profile("demo", image_size=64, phantom_images=3000, phantom_size=128, num_workers=0),
+    "paper": Profile("paper", image_size=160, phantom_images=100_000, phantom_size=256, num_workers=8,
                      eval_samples=3000, probe_epochs=20),
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -263,3 +265,13 @@ def test_busi_downloaded_layout_rebuilt_from_the_copy_finds_the_readme_groups(tm
     conflicts = set(source.loc[source["sim_group_label_conflict"] == "1", "source_file"])
     assert set(df.loc[df["sim_group_label_conflict"] == "1", "source_file"]) == conflicts
     assert abs(df["patient_id"].nunique() - 593) <= 10  # thumbnails of resized copies, not of the originals
+
+
+def test_a_relative_source_folder_gives_a_manifest_that_resolves_from_anywhere(tmp_path, monkeypatch):
+    source = SHARED_DATASETS.resolve() / "bus_uclm"
+    if not (source / "manifest.csv").exists():
+        pytest.skip("compact BUS-UCLM copy not present")
+    monkeypatch.chdir(source.parent)
+    manifest = import_shared("bus_uclm", Path("bus_uclm"), tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    assert validate_manifest(manifest) == []

@@ -45,7 +45,7 @@ def real_datasets(datasets_dir: str | Path, runs_dir: str | Path) -> dict[str, P
 
     found = {}
     for name in REAL_DATASETS:
-        source = Path(datasets_dir) / name
+        source = Path(datasets_dir).resolve() / name
         if not (source / "manifest.csv").exists():
             continue
         out = Path(runs_dir) / "data" / name

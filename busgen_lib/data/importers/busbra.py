@@ -40,7 +40,7 @@ def import_busbra(root: str | Path, out: str | Path, *, seed: int = 0,
     undivided), device as given. Other columns of bus_data.csv are kept,
     lower-cased.
     """
-    root, out = Path(root), Path(out)
+    root, out = Path(root).resolve(), Path(out)  # absolute: paths must not depend on the working directory
     table = _read_table(root / TABLE_NAME)
     problems = pathology_problems(table["pathology"], root / TABLE_NAME, "Pathology")
     problems += [Problem(str(root / TABLE_NAME), i + 1, "ID", f"image not found: {_image(root, v)}")

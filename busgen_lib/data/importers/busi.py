@@ -40,7 +40,7 @@ def import_busi(root: str | Path, out: str | Path, *, keep_label_conflicts: bool
     `<out>/masks/`; all other paths point into `root`. patient_id is the
     near-duplicate group ("busi_g0007"), device/subtype/BI-RADS are unknown ("").
     """
-    root, out = _dataset_folder(Path(root)), Path(out)
+    root, out = _dataset_folder(Path(root).resolve()), Path(out)  # cwd-independent paths
     files = _scan(root)
     rows = pd.DataFrame([_row(cls, num, masks, out) for (cls, num), masks in sorted(files.items())])
     groups = near_duplicate_groups([Path(p) for p in rows["image"]])

@@ -44,7 +44,7 @@ def import_folder(images_dir: str | Path, labels_csv: str | Path, out: str | Pat
     patient could then straddle splits). Bad rows raise ManifestError naming
     the CSV row (1-based below the header) and column.
     """
-    images_dir, labels_csv, out = Path(images_dir), Path(labels_csv), Path(out)
+    images_dir, labels_csv, out = Path(images_dir).resolve(), Path(labels_csv), Path(out)  # cwd-independent paths
     table = _fill_patients(_read_labels(labels_csv, column_map or {}))
     boxes, problems = _source_boxes(table, labels_csv)
     problems += pathology_problems(table["pathology"], labels_csv, "pathology")

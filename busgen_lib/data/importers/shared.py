@@ -40,7 +40,7 @@ def import_shared(name: str, root: str | Path, out: str | Path, *, keep_label_co
     name = ALIASES.get(name, name)
     if name not in SHARED_DATASETS:
         raise ValueError(f"unknown shared dataset {name!r}; choose one of {', '.join(SHARED_DATASETS)}")
-    root, out = Path(root), Path(out)
+    root, out = Path(root).resolve(), Path(out)  # absolute: paths must not depend on the working directory
     table = _read(root)
     frame = pd.concat([_base_rows(table, root, name), _PATIENTS[name](table), _extras(table, root, out)], axis=1)
     drop = _drops(table, keep_label_conflicts, keep_exact_duplicates)
