@@ -18,7 +18,8 @@ class Profile:
     num_workers: int
     max_boxes: int = 4       # padded lesion boxes per image (conditions)
     eval_samples: int = 150  # generated images per model for the conditioning-control numbers (notebook 01)
-    probe_epochs: int = 8    # epochs of the small real-data classifiers/segmenter that judge generated images
+    probe_size: int = 32     # resolution of the small real-data classifiers/segmenter that judge generated images
+    probe_epochs: int = 20   # their training epochs
 
 
 PROFILES: dict[str, Profile] = {
@@ -26,7 +27,7 @@ PROFILES: dict[str, Profile] = {
                      eval_samples=12, probe_epochs=1),
     "demo": Profile("demo", image_size=64, phantom_images=3000, phantom_size=128, num_workers=0),
     "paper": Profile("paper", image_size=160, phantom_images=100_000, phantom_size=256, num_workers=8,
-                     eval_samples=3000, probe_epochs=20),
+                     eval_samples=3000, probe_size=64, probe_epochs=30),
 }
 
 
