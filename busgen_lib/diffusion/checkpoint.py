@@ -117,7 +117,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 def save_checkpoint(run_dir: str | Path, step: int, model: BUSGenUNet, optimizer: torch.optim.Optimizer,
                     lr_scheduler: Any, ema: Any | None = None, keep: int = 2) -> Path:
-    """Write `checkpoints/step-XXXXXXXX/` atomically, point `checkpoints/latest` at it, keep the last `keep`."""
+    """Write `checkpoints/step-<8-digit step>/` atomically, point `checkpoints/latest` at it, keep the last `keep`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
