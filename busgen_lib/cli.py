@@ -64,11 +64,21 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt(args: argparse.Namespace) -> int:
+    from busgen_lib.diffusion.lora import AdapterConfig, adapt
+
+    overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v is not None}
+    config = AdapterConfig(rank=args.rank, targets=tuple(args.targets))
+    print(adapt(args.model, args.manifest, args.adapter, args.out, adapter_config=config, train_overrides=overrides,
+                resume=args.resume))
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     from busgen_lib.diffusion.pipeline import sample_dataset
 
     manifest = sample_dataset(args.model, args.n, args.out, plan=args.plan, steps=args.steps, guidance=args.guidance,
-                              sampler=args.sampler, seed=args.seed, batch_size=args.batch_size)
+                              sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, adapter=args.adapter)
     print(manifest)
     return 0
 
@@ -124,8 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="box conditioning: box-mask channel (reference code), sinusoidal embedding (paper), or both")
     p.set_defaults(func=_pretrain)
 
+    p = sub.add_parser("adapt", help="train a LoRA adapter on a frozen pretrained model (few-shot adaptation)")
+    p.add_argument("--model", required=True, help="pretrained model folder")
+    p.add_argument("--manifest", required=True, help="adaptation manifest (rows with split == train are used)")
+    p.add_argument("--adapter", required=True, help="adapter name, e.g. dcis")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, loss.csv, adapter/")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--targets", nargs="+", default=["attention", "resnet", "conditioning"],
+                   choices=["attention", "resnet", "conditioning"], help="layer groups that get adapters")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--steps", type=int, help="override the profile's number of adaptation steps")
+    p.add_argument("--batch-size", type=int, help="override the profile's batch size")
+    p.set_defaults(func=_adapt)
+
     p = sub.add_parser("sample", help="generate a labelled synthetic dataset from a trained model folder")
     p.add_argument("--model", required=True, help="model folder (config.json, model.safetensors, box_prior.json)")
+    p.add_argument("--adapter", help="LoRA adapter folder trained on this model (merged before sampling)")
     p.add_argument("--n", type=int, default=0, help="number of images for the balanced plan")
     p.add_argument("--out", required=True, help="output folder (images/, shards/, manifest.csv); reruns resume")
     p.add_argument("--plan", default="balanced",

@@ -19,6 +19,7 @@ from busgen_lib.data.schema import PATHOLOGIES
 from busgen_lib.diffusion.box_prior import BoxPrior
 from busgen_lib.diffusion.checkpoint import load_model
 from busgen_lib.diffusion.generate import generate_distributed
+from busgen_lib.diffusion.lora import load_adapted_model
 from busgen_lib.diffusion.model import SAMPLING_DEFAULTS, BUSGenUNet
 from busgen_lib.diffusion.plan import Request, balanced_plan, explicit_plan
 from busgen_lib.diffusion.sample import CondFn, sample
@@ -64,16 +65,18 @@ def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str 
                    steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
                    order: int | None = None, seed: int = 0, batch_size: int = 16,
                    pathologies: Sequence[str] = PATHOLOGIES, devices: Sequence[str] | None = None,
-                   cond_fn: CondFn | None = None) -> Path:
+                   cond_fn: CondFn | None = None, adapter: str | Path | None = None) -> Path:
     """Generate `n` images (or the rows of an explicit plan CSV) into `out`; returns the merged manifest.
 
-    Every plan entry is checked against the model's vocabularies before sampling
-    starts. Under `accelerate launch` each process writes its own shard.
+    With `adapter`, the LoRA adapter is merged into the model first and its own
+    box prior (fitted on the adaptation data) replaces the base's. Every plan
+    entry is checked against the model's vocabularies before sampling starts.
+    Under `accelerate launch` each process writes its own shard.
     """
     model_dir = Path(model_dir)
-    model = load_model(model_dir)
+    model = load_model(model_dir) if adapter is None else load_adapted_model(model_dir, adapter)
     defaults = SAMPLING_DEFAULTS[model.config.profile]
-    prior = BoxPrior.load(model_dir / BOX_PRIOR_FILE)
+    prior = BoxPrior.load(Path(adapter or model_dir) / BOX_PRIOR_FILE)
     known = model.config.device_names
     if str(plan) == "balanced":
         requests = balanced_plan(n, pathologies, devices or known or ("",), prior, seed,
@@ -85,5 +88,6 @@ def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str 
     fn = model_sample_fn(model, steps=steps or defaults.steps, guidance=defaults.guidance if guidance is None else guidance,
                          sampler=sampler or defaults.sampler, order=order or defaults.order, cond_fn=cond_fn,
                          device=device)
-    return generate_distributed(requests, fn, out, batch_size=batch_size, generator=str(model_dir),
+    source = str(model_dir) if adapter is None else f"{model_dir} + adapter {adapter}"
+    return generate_distributed(requests, fn, out, batch_size=batch_size, generator=source,
                                 cpu=not torch.cuda.is_available())

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_cosine_schedule_with_warmup
@@ -126,43 +127,45 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 # --------------------------------------------------------------------------- the loop
 
-def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: bool = False,
-             train_overrides: dict[str, Any] | None = None, model_overrides: dict[str, Any] | None = None,
-             progress: bool = True) -> Path:
-    """Train a BUSGen model on the manifest's `train` split; returns the model folder `out/model`.
-
-    `out` also holds `checkpoints/` (every `checkpoint_every` steps, atomic),
-    `loss.csv`, and one `replica-<rank>.sha256` per process (identical under
-    data parallelism). A second call without `resume` refuses to overwrite.
-    """
-    config = train_config(profile, **(train_overrides or {}))
-    out = Path(out)
-    if not resume and latest_checkpoint(out) is not None:
-        raise FileExistsError(f"{out} already holds a training run; pass resume=True (--resume) to continue it "
-                              f"or choose another output folder")
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """One CPU process, one GPU (bf16) or an `accelerate launch` group of processes."""
     gpu = torch.cuda.is_available()
     # Without a GPU, `cpu=True` makes a torchrun/`accelerate launch --multi_gpu` start use gloo across CPU processes.
     accelerator = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu and config.mixed_precision == "bf16" else "no")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
+    if config.batch_size % accelerator.num_processes:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {accelerator.num_processes} processes")
+    return accelerator
 
-    df = read_manifest(manifest)
+
+def train_dataset(df: pd.DataFrame, profile: str, seed: int, device_vocab: tuple[str, ...] | None = None,
+                  source: str | Path = "manifest") -> tuple[BUSDataset, pd.DataFrame]:
+    """The augmented training dataset of a manifest's `train` split (pretraining and adaptation alike)."""
     train_df = df[df["split"] == "train"]
     if train_df.empty:
-        raise ValueError(f"{manifest}: no rows with split == 'train' to pretrain on")
+        raise ValueError(f"{source}: no rows with split == 'train' to train on")
     prof = get_profile(profile)
     dataset = BUSDataset(train_df, root=df.attrs["root"], image_size=prof.image_size, train=True,
-                         max_boxes=prof.max_boxes, seed=config.seed)
-    torch.manual_seed(config.seed)  # identical initial weights on every process
-    model = BUSGenUNet(config_for_profile(profile, dataset.device_vocab, **(model_overrides or {})))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+                         max_boxes=prof.max_boxes, seed=seed, device_vocab=device_vocab)
+    return dataset, train_df
+
+
+def fit(model: BUSGenUNet, dataset: BUSDataset, config: TrainConfig, out: Path, accelerator: Accelerator, *,
+        resume: bool, progress: bool = True, desc: str = "pretrain") -> BUSGenUNet:
+    """The optimisation loop shared by pretraining and LoRA adaptation; returns the unwrapped trained network.
+
+    Only parameters with `requires_grad` are optimised (all of them when
+    pretraining, the adapters when adapting). `out` receives `checkpoints/`,
+    `loss.csv` and one `replica-<rank>.sha256` per process.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     # The LR schedule is stepped by hand once per optimisation step, so it is not given to `prepare`
     # (which would step it once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
     net = accelerator.unwrap_model(model)
-    ema = EMAModel(net.parameters(), decay=config.ema_decay) if config.ema_decay else None
+    ema = EMAModel(trainable, decay=config.ema_decay) if config.ema_decay else None
     if ema is not None:
         ema.to(accelerator.device)
     step = 0
@@ -171,15 +174,16 @@ def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: boo
     noise_schedule = ddpm_scheduler(net.config)
     out.mkdir(parents=True, exist_ok=True)
     log = LossLog(out, step) if accelerator.is_main_process else None
+    workers = get_profile(net.config.profile).num_workers
 
     steps_per_epoch = max(len(dataset), config.batch_size) // config.batch_size
-    bar = tqdm(total=config.steps, initial=step, desc="pretrain", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(total=config.steps, initial=step, desc=desc, disable=not (progress and accelerator.is_main_process))
     tick = time.perf_counter()
     while step < config.steps:
         epoch, offset = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
         batches = epoch_batches(dataset, epoch, config)[offset:]
-        for batch in _loader(dataset, batches, rank, world, prof.num_workers):
+        for batch in _loader(dataset, batches, rank, world, workers):
             batch = {k: v.to(accelerator.device) for k, v in batch.items() if torch.is_tensor(v)}
             torch.manual_seed(derive_seed(config.seed, step, rank))  # noise, t and condition dropout of this step
             model.train()
@@ -187,12 +191,12 @@ def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: boo
                 loss = diffusion_loss(model, batch, scheduler=noise_schedule)
             accelerator.backward(loss)
             if config.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                accelerator.clip_grad_norm_(trainable, config.grad_clip)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.step(net.parameters())
+                ema.step(trainable)
             step += 1
             bar.update(1)
             mean_loss = accelerator.reduce(loss.detach(), "mean").item()
@@ -209,10 +213,37 @@ def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: boo
                 break
     bar.close()
     (out / f"replica-{rank}.sha256").write_text(weights_digest(net))
+    if ema is not None:
+        ema.copy_to(trainable)  # the exported weights are the averaged ones
+    return net
+
+
+def refuse_overwrite(out: Path, resume: bool) -> None:
+    if not resume and latest_checkpoint(out) is not None:
+        raise FileExistsError(f"{out} already holds a training run; pass resume=True (--resume) to continue it "
+                              f"or choose another output folder")
+
+
+def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: bool = False,
+             train_overrides: dict[str, Any] | None = None, model_overrides: dict[str, Any] | None = None,
+             progress: bool = True) -> Path:
+    """Train a BUSGen model on the manifest's `train` split; returns the model folder `out/model`.
+
+    `out` also holds `checkpoints/` (every `checkpoint_every` steps, atomic),
+    `loss.csv`, and one `replica-<rank>.sha256` per process (identical under
+    data parallelism). A second call without `resume` refuses to overwrite.
+    """
+    config = train_config(profile, **(train_overrides or {}))
+    out = Path(out)
+    refuse_overwrite(out, resume)
+    accelerator = make_accelerator(config)
+    df = read_manifest(manifest)
+    dataset, train_df = train_dataset(df, profile, config.seed, source=manifest)
+    torch.manual_seed(config.seed)  # identical initial weights on every process
+    model = BUSGenUNet(config_for_profile(profile, dataset.device_vocab, **(model_overrides or {})))
+    net = fit(model, dataset, config, out, accelerator, resume=resume, progress=progress)
     model_dir = out / "model"
     if accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(net.parameters())  # the exported model carries the averaged weights
         prior = BoxPrior.fit(train_df)
         save_model(net, model_dir, extra_files={BOX_PRIOR_FILE: json.dumps(prior.to_json())})
     accelerator.wait_for_everyone()

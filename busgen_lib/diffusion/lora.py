@@ -1,0 +1,237 @@
+"""Few-shot adaptation of a pretrained BUSGen model with LoRA (§4.3.2), on peft.
+
+The pretrained network stays frozen; peft's `inject_adapter_in_model` wraps the
+chosen layers with low-rank adapters (ΔW = B·A·α/r, B initialised to zero, so
+an untrained adapter changes nothing). What is ours is the glue:
+
+* which layers: attention projections, residual-block convolutions, and the
+  condition/time projections (`TARGETS`), selectable by name;
+* adapter folders that live apart from the base (`adapter_config.json` +
+  `adapter.safetensors`, a few percent of the base) and name the base they
+  were trained on by a fingerprint of its weights, so that loading one onto
+  another base is refused;
+* several named adapters beside one base, switched with `use_adapter`;
+* `merge_adapter`: folds an adapter into a plain `BUSGenUNet` for sampling at
+  the base model's speed;
+* `adapt`: the training run, through the same loop as pretraining (train.fit).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+
+from busgen_lib.data.manifest import read_manifest
+from busgen_lib.diffusion.box_prior import BoxPrior
+from busgen_lib.diffusion.checkpoint import load_model
+from busgen_lib.diffusion.model import BUSGenUNet
+from busgen_lib.diffusion.train import (BOX_PRIOR_FILE, TrainConfig, fit, make_accelerator, refuse_overwrite,
+                                        train_dataset)
+
+ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter.safetensors"
+
+# Module-name patterns (regular expressions, full match) of the layers that get adapters.
+TARGETS: dict[str, str] = {
+    "attention": r".*\.(to_q|to_k|to_v|to_out\.0)",
+    "resnet": r".*\.resnets\.\d+\.(conv1|conv2)",
+    "conditioning": r"conditions\.proj\.(0|2)|unet\.time_embedding\.linear_(1|2)|.*\.time_emb_proj",
+}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """LoRA rank, scaling and targets (keys of TARGETS)."""
+
+    rank: int = 8
+    alpha: float | None = None  # LoRA scaling α (ΔW = B·A·α/r); None: α = r
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("attention", "resnet", "conditioning")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"LoRA targets must be a non-empty subset of {list(TARGETS)}, got {list(self.targets)}")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
+
+    def lora_config(self) -> LoraConfig:
+        pattern = "|".join(f"(?:{TARGETS[t]})" for t in self.targets)
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha if self.alpha is not None else self.rank,
+                          lora_dropout=self.dropout, target_modules=pattern)
+
+
+# Adaptation optimiser settings per profile: few examples, so short runs at a higher rate than pretraining.
+ADAPT_CONFIGS: dict[str, TrainConfig] = {
+    "smoke": TrainConfig(steps=8, batch_size=4, learning_rate=2e-3, warmup_steps=2, checkpoint_every=4, log_every=2),
+    "demo": TrainConfig(steps=250, batch_size=16, learning_rate=2e-3, warmup_steps=20, checkpoint_every=50),
+    "paper": TrainConfig(steps=5000, batch_size=32, learning_rate=2e-4, warmup_steps=200, checkpoint_every=500,
+                         log_every=50),
+}
+
+
+# --------------------------------------------------------------------------- adapters on a live model
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the base weights alone: the same before and after adapters are injected or trained."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.replace(".base_layer", "").encode())
+        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tuner_layers(model: torch.nn.Module) -> list[tuple[str, BaseTunerLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapter_names(model: torch.nn.Module) -> list[str]:
+    return list(getattr(model, "peft_config", {}))
+
+
+def add_adapter(model: BUSGenUNet, name: str, config: AdapterConfig = AdapterConfig()) -> BUSGenUNet:
+    """Inject a new, untrained adapter `name` and make it the active one; base weights are frozen."""
+    if name in adapter_names(model):
+        raise ValueError(f"the model already has an adapter named {name!r}")
+    with warnings.catch_warnings():  # peft warns that a second adapter is being added: here that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config.lora_config(), model, adapter_name=name)
+    model._busgen_adapters = {**getattr(model, "_busgen_adapters", {}), name: config}
+    use_adapter(model, name)
+    return model
+
+
+def use_adapter(model: BUSGenUNet, name: str | None) -> None:
+    """Activate adapter `name` (only its parameters train), or None for the bare base model."""
+    layers = _tuner_layers(model)
+    if name is not None and name not in adapter_names(model):
+        raise ValueError(f"no adapter named {name!r}; the model has {adapter_names(model)}")
+    for _, layer in layers:
+        layer.enable_adapters(name is not None)
+        if name is not None:
+            layer.set_adapter(name)  # also marks only this adapter's weights trainable
+    for param_name, param in model.named_parameters():
+        if "lora_" not in param_name:
+            param.requires_grad_(False)
+
+
+def save_adapter(model: BUSGenUNet, name: str, out: str | Path, base: str = "",
+                 extra_files: dict[str, str] | None = None) -> Path:
+    """Write adapter `name` as its own folder, atomically; `base` notes where its base model lives."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    save_file(state, tmp / ADAPTER_WEIGHTS_FILE)
+    meta = {"name": name, "lora": asdict(model._busgen_adapters[name]), "base_model": str(base),
+            "base_fingerprint": base_fingerprint(model), "base_config": model.config.to_dict()}
+    (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+    for file, text in (extra_files or {}).items():
+        (tmp / file).write_text(text)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def read_adapter_meta(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / ADAPTER_CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}: no {ADAPTER_CONFIG_FILE}; is this a busgen adapter folder?")
+    return json.loads(path.read_text())
+
+
+def load_adapter(model: BUSGenUNet, folder: str | Path, name: str | None = None) -> str:
+    """Add the adapter stored in `folder` to `model` (under its own name or `name`) and activate it.
+
+    Refuses an adapter trained on other base weights: its low-rank update is a
+    correction to those weights and means nothing on others.
+    """
+    meta = read_adapter_meta(folder)
+    fingerprint = base_fingerprint(model)
+    if meta["base_fingerprint"] != fingerprint:
+        raise ValueError(f"{folder}: adapter {meta['name']!r} was trained on another base model "
+                         f"({meta['base_model'] or 'unnamed'}, weights {meta['base_fingerprint'][:12]}…), "
+                         f"not on this one (weights {fingerprint[:12]}…); load the base it was trained for")
+    name = name or meta["name"]
+    add_adapter(model, name, AdapterConfig(**meta["lora"]))
+    result = set_peft_model_state_dict(model, load_file(Path(folder) / ADAPTER_WEIGHTS_FILE), adapter_name=name)
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"{folder}: adapter weights do not fit its configuration: "
+                         f"{len(missing)} missing, {len(result.unexpected_keys)} unexpected")
+    return name
+
+
+def merge_adapter(model: BUSGenUNet, name: str) -> BUSGenUNet:
+    """A plain BUSGenUNet with adapter `name` folded into its weights (the input model is left as it is)."""
+    merged = copy.deepcopy(model)
+    use_adapter(merged, name)
+    for module_name, layer in _tuner_layers(merged):
+        layer.merge(adapter_names=[name])
+        parent, _, child = module_name.rpartition(".")
+        setattr(merged.get_submodule(parent) if parent else merged, child, layer.get_base_layer())
+    for attr in ("peft_config", "_busgen_adapters"):
+        if hasattr(merged, attr):
+            delattr(merged, attr)
+    for param in merged.parameters():
+        param.requires_grad_(True)
+    return merged
+
+
+def load_adapted_model(model_dir: str | Path, adapter_dir: str | Path, merge: bool = True) -> BUSGenUNet:
+    """Base model folder + adapter folder → a model ready to sample (merged by default)."""
+    model = load_model(model_dir)
+    name = load_adapter(model, adapter_dir)
+    return merge_adapter(model, name) if merge else model
+
+
+# --------------------------------------------------------------------------- training
+
+def adapt_config(profile: str, **overrides: Any) -> TrainConfig:
+    config = ADAPT_CONFIGS[profile]
+    return replace(config, **overrides) if overrides else config
+
+
+def adapt(model_dir: str | Path, manifest: str | Path, name: str, out: str | Path, *,
+          adapter_config: AdapterConfig = AdapterConfig(), train_overrides: dict[str, Any] | None = None,
+          resume: bool = False, progress: bool = True) -> Path:
+    """Train adapter `name` on the manifest's `train` split, the base frozen; returns the adapter folder `out/adapter`.
+
+    Uses the paper's augmentations (as pretraining) and the base's own condition
+    vocabularies (a device the base never saw is an error naming the row). The
+    adapter folder also gets a box prior fitted on the adaptation data, since a
+    new phenotype (DCIS: wide, flat non-mass lesions) has boxes of its own.
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    model = load_model(model_dir)
+    config = adapt_config(model.config.profile, **(train_overrides or {}))
+    refuse_overwrite(out, resume)
+    accelerator = make_accelerator(config)
+    df = read_manifest(manifest)
+    dataset, train_df = train_dataset(df, model.config.profile, config.seed, device_vocab=model.config.device_names,
+                                      source=manifest)
+    torch.manual_seed(config.seed)
+    add_adapter(model, name, adapter_config)
+    net = fit(model, dataset, config, out, accelerator, resume=resume, progress=progress, desc=f"adapt {name}")
+    folder = out / "adapter"
+    if accelerator.is_main_process:
+        prior = BoxPrior.fit(train_df)
+        save_adapter(net, name, folder, base=str(model_dir), extra_files={BOX_PRIOR_FILE: json.dumps(prior.to_json())})
+    accelerator.wait_for_everyone()
+    return folder
