@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from busgen_lib.data.augment import AugmentConfig, augment, flip_boxes, jitter_intensity, prepare
+from busgen_lib.data.augment import AugmentConfig, augment, flip_boxes, get_augmentation, jitter_intensity, prepare
 from busgen_lib.data.dataset import boxes_to_mask
 
 SOURCE_HW = (48, 64)  # non-square on purpose: crop and resize scale the axes differently
@@ -127,3 +127,21 @@ def test_prepare_resizes_without_touching_boxes():
 def test_bad_config_is_refused(kwargs):
     with pytest.raises(ValueError):
         AugmentConfig(**kwargs)
+
+
+def test_device_preset_keeps_orientation_and_grey_levels_while_strong_does_not():
+    """Pretraining's "device" preset must not touch the cues that identify a scanner (grey map, overlay side)."""
+    image = torch.cat([torch.full((1, 32, 16), 0.2), torch.full((1, 32, 16), 0.7)], dim=2)  # dark left, bright right
+    no_boxes = torch.zeros(0, 4)
+
+    def views(name):
+        return [augment(image, no_boxes, OUT, get_augmentation(name), _gen(seed))[0] for seed in range(20)]
+
+    def keeps(view):
+        half = view.shape[-1] // 2
+        return view[..., :half].mean() < view[..., half:].mean() and abs(view.mean() - image.mean()) < 0.03
+
+    assert all(keeps(v) for v in views("device"))
+    assert not all(keeps(v) for v in views("strong"))
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        get_augmentation("heavy")

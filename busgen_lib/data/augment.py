@@ -44,6 +44,25 @@ class AugmentConfig:
                 raise ValueError(f"{name} must be a range 0 < lo <= hi, got {(lo, hi)}")
 
 
+# Named presets. "strong" is the paper's adaptation augmentation (random crop, colour jitter, random flip;
+# §4.3.2). "device" keeps what identifies the scanner: no grey-level jitter (gain, dynamic range and grey
+# map are device traits), crops of at least 90% (speckle grain size is one too) and no flip (real overlays
+# are never mirrored). Pretraining, which the paper does not say it augments, uses "device", so that the
+# device condition is learnable; with "strong", device control of a demo model stayed at chance.
+AUGMENTATIONS: dict[str, AugmentConfig] = {
+    "strong": AugmentConfig(),
+    "device": AugmentConfig(min_crop_scale=0.9, flip_p=0.0, brightness=(1.0, 1.0), contrast=(1.0, 1.0),
+                            gamma=(1.0, 1.0)),
+}
+
+
+def get_augmentation(name: str) -> AugmentConfig:
+    try:
+        return AUGMENTATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}") from None
+
+
 # --------------------------------------------------------------------------- sampling helpers
 
 def _uniform(lo: float, hi: float, generator: torch.Generator) -> float:

@@ -74,10 +74,12 @@ class AdapterConfig:
 
 # Adaptation optimiser settings per profile: few examples, so short runs at a higher rate than pretraining.
 ADAPT_CONFIGS: dict[str, TrainConfig] = {
-    "smoke": TrainConfig(steps=8, batch_size=4, learning_rate=2e-3, warmup_steps=2, checkpoint_every=4, log_every=2),
-    "demo": TrainConfig(steps=250, batch_size=16, learning_rate=2e-3, warmup_steps=20, checkpoint_every=50),
+    "smoke": TrainConfig(steps=8, batch_size=4, learning_rate=2e-3, warmup_steps=2, checkpoint_every=4, log_every=2,
+                         augment="strong"),
+    "demo": TrainConfig(steps=250, batch_size=16, learning_rate=2e-3, warmup_steps=20, checkpoint_every=50,
+                        augment="strong"),
     "paper": TrainConfig(steps=5000, batch_size=32, learning_rate=2e-4, warmup_steps=200, checkpoint_every=500,
-                         log_every=50),
+                         log_every=50, augment="strong"),
 }
 
 
@@ -213,7 +215,7 @@ def adapt(model_dir: str | Path, manifest: str | Path, name: str, out: str | Pat
           resume: bool = False, progress: bool = True) -> Path:
     """Train adapter `name` on the manifest's `train` split, the base frozen; returns the adapter folder `out/adapter`.
 
-    Uses the paper's augmentations (as pretraining) and the base's own condition
+    Uses the paper's strong augmentation and the base's own condition
     vocabularies (a device the base never saw is an error naming the row). The
     adapter folder also gets a box prior fitted on the adaptation data, since a
     new phenotype (DCIS: wide, flat non-mass lesions) has boxes of its own.
@@ -224,7 +226,7 @@ def adapt(model_dir: str | Path, manifest: str | Path, name: str, out: str | Pat
     refuse_overwrite(out, resume)
     accelerator = make_accelerator(config)
     df = read_manifest(manifest)
-    dataset, train_df = train_dataset(df, model.config.profile, config.seed, device_vocab=model.config.device_names,
+    dataset, train_df = train_dataset(df, model.config.profile, config, device_vocab=model.config.device_names,
                                       source=manifest)
     torch.manual_seed(config.seed)
     add_adapter(model, name, adapter_config)

@@ -24,6 +24,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from busgen_lib.data.augment import get_augmentation
 from busgen_lib.data.dataset import BUSDataset, ClassBalancedSampler, derive_seed
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.diffusion.box_prior import BoxPrior
@@ -50,6 +51,7 @@ class TrainConfig:
     log_every: int = 10
     mixed_precision: str = "bf16"   # used on GPUs only; CPU runs stay in fp32
     balanced: bool = True           # class-balanced resampling per epoch
+    augment: str = "device"         # data/augment.py AUGMENTATIONS: "device" (pretraining) or "strong" (adaptation)
     seed: int = 0
 
 
@@ -137,7 +139,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def train_dataset(df: pd.DataFrame, profile: str, seed: int, device_vocab: tuple[str, ...] | None = None,
+def train_dataset(df: pd.DataFrame, profile: str, config: TrainConfig, device_vocab: tuple[str, ...] | None = None,
                   source: str | Path = "manifest") -> tuple[BUSDataset, pd.DataFrame]:
     """The augmented training dataset of a manifest's `train` split (pretraining and adaptation alike)."""
     train_df = df[df["split"] == "train"]
@@ -145,7 +147,8 @@ def train_dataset(df: pd.DataFrame, profile: str, seed: int, device_vocab: tuple
         raise ValueError(f"{source}: no rows with split == 'train' to train on")
     prof = get_profile(profile)
     dataset = BUSDataset(train_df, root=df.attrs["root"], image_size=prof.image_size, train=True,
-                         max_boxes=prof.max_boxes, seed=seed, device_vocab=device_vocab)
+                         max_boxes=prof.max_boxes, seed=config.seed, device_vocab=device_vocab,
+                         augment_config=get_augmentation(config.augment))
     return dataset, train_df
 
 
@@ -238,7 +241,7 @@ def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: boo
     refuse_overwrite(out, resume)
     accelerator = make_accelerator(config)
     df = read_manifest(manifest)
-    dataset, train_df = train_dataset(df, profile, config.seed, source=manifest)
+    dataset, train_df = train_dataset(df, profile, config, source=manifest)
     torch.manual_seed(config.seed)  # identical initial weights on every process
     model = BUSGenUNet(config_for_profile(profile, dataset.device_vocab, **(model_overrides or {})))
     net = fit(model, dataset, config, out, accelerator, resume=resume, progress=progress)
