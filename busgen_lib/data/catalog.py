@@ -55,3 +55,33 @@ def real_datasets(datasets_dir: str | Path, runs_dir: str | Path) -> dict[str, P
             _stamp(out, params)
         found[name] = out / "manifest.csv"
     return found
+
+
+def phantom_cohorts(profile: str, runs_dir: str | Path, seed: int = 0,
+                    held_out: tuple[str, ...] = ("dcis", "tnbc")) -> dict[str, Path]:
+    """The profile's phantom cut into a pretraining cohort and one adaptation cohort per held-out subtype.
+
+    Manifests `cohort_<name>.csv` beside the phantom's (same images); returns {name: manifest}.
+    """
+    from busgen_lib.data.cohorts import split_cohorts
+    from busgen_lib.data.manifest import read_manifest, write_manifest
+
+    manifest = phantom_dataset(profile, runs_dir, seed)
+    paths = {name: manifest.parent / f"cohort_{name}.csv" for name in ("pretrain", *held_out)}
+    params = {"held_out": list(held_out), "source": json.loads((manifest.parent / STAMP).read_text())}
+    stamp = manifest.parent / "cohorts.json"
+    if not (stamp.exists() and json.loads(stamp.read_text()) == params and all(p.exists() for p in paths.values())):
+        for name, part in split_cohorts(read_manifest(manifest), held_out).items():
+            write_manifest(part, paths[name])
+        stamp.write_text(json.dumps(params, indent=1))
+    return paths
+
+
+def few_shot_manifest(manifest: str | Path, n: int, seed: int = 0) -> Path:
+    """`n` training images of a cohort (cohorts.few_shot; all of them if it has fewer) as
+    `<manifest stem>_<n>shot.csv` beside it."""
+    from busgen_lib.data.cohorts import few_shot
+    from busgen_lib.data.manifest import read_manifest, write_manifest
+
+    manifest = Path(manifest)
+    return write_manifest(few_shot(read_manifest(manifest), n, seed, allow_fewer=True), manifest.with_name(f"{manifest.stem}_{n}shot.csv"))
