@@ -205,3 +205,17 @@ def test_checking_many_image_headers_is_fast(tmp_path):
     start = time.perf_counter()
     assert validate_manifest(path) == []
     assert (time.perf_counter() - start) / len(big) < 1e-3
+
+
+def test_concat_manifests_rebases_paths_and_validates_the_union(tmp_path):
+    from busgen_lib.data.manifest import concat_manifests
+
+    first = clean_manifest(tmp_path / "a")
+    second = clean_manifest(tmp_path / "b")
+    merged = read_manifest(concat_manifests([first, second], tmp_path / "m" / "all.csv"))
+    originals = pd.concat([read_manifest(first), read_manifest(second)])
+    assert len(merged) == len(originals)
+    assert all(resolve(merged, "image", i).exists() for i in range(len(merged)))
+    with pytest.raises(ManifestError, match="row 6:image: same image as row 1"):
+        concat_manifests([first, first], tmp_path / "m" / "twice.csv")
+    assert not (tmp_path / "m" / "twice.csv").exists()

@@ -54,3 +54,19 @@ def test_requests_become_the_training_condition_indices(smoke_model):
     size = model.config.image_size
     assert cond["box_mask"][0, 0].sum().item() == (size // 2) * (size // 4)
     assert cond["box_mask"][1].sum().item() == 0
+
+
+def test_in_memory_samples_are_the_written_files(smoke_model, tmp_path):
+    from busgen_lib.diffusion.pipeline import sample_images
+    from busgen_lib.diffusion.plan import explicit_plan
+
+    model = load_model(smoke_model)
+    written = read_manifest(sample_dataset(smoke_model, 3, tmp_path / "gen", steps=3, batch_size=3))
+    plan = explicit_plan(written[["pathology", "device", "boxes", "seed"]], devices=(*model.config.device_names, ""))
+    images = sample_images(model, plan, steps=3, guidance=1.8, sampler="dpmsolver++-singlestep", order=3,
+                           batch_size=2, progress=False)
+    files = np.stack([_pixels(written, i) for i in range(3)])
+    assert np.abs((images[:, 0].numpy() + 1) * 127.5 - files).max() <= 1.0 + 1e-4
+    half = sample_images(model, plan, size=model.config.image_size // 2, steps=3, guidance=1.8,
+                         sampler="dpmsolver++-singlestep", order=3, progress=False)
+    assert half.shape[-1] == model.config.image_size // 2 and half.min() >= -1 and half.max() <= 1

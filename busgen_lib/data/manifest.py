@@ -138,6 +138,29 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def concat_manifests(paths: list[str | Path], out: str | Path) -> Path:
+    """One manifest of the rows of several (each with its own folder), validated as a whole, written to `out`.
+
+    E.g. few-shot images plus their device-translated copies. Paths are made
+    absolute per source before `write_manifest` rebases them on `out`'s folder;
+    the merged table is validated (duplicate images, patients across splits...).
+    """
+    frames = []
+    for source in paths:
+        df = read_manifest(source)
+        for column in ("image", "mask"):
+            df[column] = ["" if not str(v) else str(resolve(df, column, i)) for i, v in enumerate(df[column])]
+        frames.append(df)
+    merged = pd.concat(frames, ignore_index=True).fillna("")
+    written = write_manifest(merged, out)
+    try:
+        read_manifest(written)
+    except ManifestError:
+        written.unlink()  # no invalid manifest left behind
+        raise
+    return written
+
+
 def resolve(df: pd.DataFrame, column: str, i: int) -> Path:
     """Absolute path of the image or mask in row position `i` (uses `df.attrs["root"]`)."""
     value = str(df[column].iloc[i])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
+from tqdm.auto import tqdm
 
 from busgen_lib.data.dataset import boxes_to_mask
 from busgen_lib.data.schema import PATHOLOGIES
@@ -59,6 +60,22 @@ def model_sample_fn(model: BUSGenUNet, *, steps: int, guidance: float, sampler: 
                         seeds=[r.seed for r in requests], cond_fn=cond_fn, progress=False)
         return to_uint8(images)
     return sample_fn
+
+
+def sample_images(model: BUSGenUNet, requests: Sequence[Request], *, size: int | None = None, batch_size: int = 16,
+                  progress: bool = True, **sampling) -> torch.Tensor:
+    """(N, 1, S, S) images in [-1, 1] for in-memory evaluation (judges, figures), as the written files would be.
+
+    Goes through the same uint8 quantisation as `sample_dataset`, then resizes
+    to `size` (a judge's resolution) like the data layer does (antialiased).
+    """
+    fn = model_sample_fn(model, **sampling)
+    batches = [requests[i: i + batch_size] for i in range(0, len(requests), batch_size)]
+    pixels = np.concatenate([fn(b) for b in tqdm(batches, desc="sample", unit="batch", disable=not progress)])
+    images = torch.from_numpy(pixels).float()[:, None] / 127.5 - 1.0
+    if size is not None and size != images.shape[-1]:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+    return images
 
 
 def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str | Path = "balanced",
