@@ -20,11 +20,13 @@ class Profile:
     eval_samples: int = 150  # generated images per model for the conditioning-control numbers (notebook 01)
     probe_size: int = 32     # resolution of the small real-data classifiers/segmenter that judge generated images
     probe_epochs: int = 20   # their training epochs
+    few_shots: int = 34      # images of a phenotype for few-shot adaptation (the paper's DCIS task: 34)
 
 
 PROFILES: dict[str, Profile] = {
-    "smoke": Profile("smoke", image_size=32, phantom_images=160, phantom_size=64, num_workers=0,
-                     eval_samples=12, probe_epochs=1),
+    # 600 images: the smallest phantom (seed 0) with DCIS and TNBC images left for a judge beside 4 shots.
+    "smoke": Profile("smoke", image_size=32, phantom_images=600, phantom_size=64, num_workers=0,
+                     eval_samples=12, probe_epochs=1, few_shots=4),
     "demo": Profile("demo", image_size=64, phantom_images=3000, phantom_size=128, num_workers=0),
     "paper": Profile("paper", image_size=160, phantom_images=100_000, phantom_size=256, num_workers=8,
                      eval_samples=3000, probe_size=64, probe_epochs=30),

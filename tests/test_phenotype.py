@@ -19,7 +19,7 @@ class SignJudge(torch.nn.Module):
 
 
 def test_shares_and_fisher_test_match_scipy():
-    judge = PhenotypeJudge(Probe(SignJudge(), ("other", "dcis")), "dcis", 4, None)
+    judge = PhenotypeJudge(Probe(SignJudge(), ("other", "dcis")), "dcis", 2, None)  # 4 px images are resized
     base = torch.cat([torch.full((18, 1, 4, 4), -0.5), torch.full((2, 1, 4, 4), 0.5)])
     adapted = torch.cat([torch.full((7, 1, 4, 4), -0.5), torch.full((13, 1, 4, 4), 0.5)])
     table = compare_shares(judge, {"base": base, "adapted": adapted}).set_index("model")

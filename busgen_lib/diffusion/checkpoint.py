@@ -26,7 +26,8 @@ OPTIMIZER_FILE, EMA_FILE, STATE_FILE = "optimizer.safetensors", "ema.safetensors
 LATEST = "latest"
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished temporary folder into place (the last step of every atomic folder write)."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -38,7 +39,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's weights as contiguous CPU tensors, as safetensors wants them."""
     return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
 
 
@@ -52,10 +54,10 @@ def save_model(model: BUSGenUNet, out: str | Path, extra_files: dict[str, str] |
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     (tmp / CONFIG_FILE).write_text(model.config.to_json())
-    save_file(_cpu_state(model), tmp / WEIGHTS_FILE)
+    save_file(cpu_state(model), tmp / WEIGHTS_FILE)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     return out
 
 
@@ -125,7 +127,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: BUSGenUNet, optimizer
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     (tmp / CONFIG_FILE).write_text(model.config.to_json())
-    save_file(_cpu_state(model), tmp / WEIGHTS_FILE)
+    save_file(cpu_state(model), tmp / WEIGHTS_FILE)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, tmp / OPTIMIZER_FILE)
     state = {"step": step, "optimizer": opt_meta, "lr_scheduler": _jsonable(lr_scheduler.state_dict())}
@@ -135,7 +137,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: BUSGenUNet, optimizer
                   tmp / EMA_FILE)
         state["ema"] = _jsonable(ema_state)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     _write_text_atomic(root / LATEST, final.name)
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old)

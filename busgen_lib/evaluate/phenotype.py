@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from scipy.stats import fisher_exact
 
 from busgen_lib.evaluate.control import load_images
@@ -33,7 +34,12 @@ class PhenotypeJudge:
     report: pd.DataFrame
 
     def share(self, images: torch.Tensor) -> tuple[int, int, float, float, float]:
-        """(hits, n, share, ci_lo, ci_hi): how many images the judge calls the phenotype, Wilson CI."""
+        """(hits, n, share, ci_lo, ci_hi): how many images the judge calls the phenotype, Wilson CI.
+
+        Images of another size are resized (antialiased) to the judge's, as the data layer would.
+        """
+        if images.shape[-1] != self.size:
+            images = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", antialias=True)
         hits = int((self.probe.predict(images) == 1).sum())
         return (hits, len(images), *proportion_ci(hits, len(images)))
 
@@ -45,15 +51,16 @@ def fit_phenotype_judge(real_df: pd.DataFrame, phenotype: str, size: int = 32, s
     malignant = malignant[~malignant["image"].astype(str).isin({str(i) for i in exclude_images})]
     malignant.attrs = dict(real_df.attrs)
     is_target = (malignant["subtype"].astype(str) == phenotype).to_numpy()
-    if is_target.sum() == 0 or (~is_target).sum() == 0:
-        raise ValueError(f"the phenotype judge needs malignant images with and without subtype {phenotype!r}")
     test = (malignant["split"].astype(str) == "test").to_numpy()
+    if is_target[~test].sum() == 0 or (~is_target[~test]).sum() == 0:
+        raise ValueError(f"the phenotype judge needs malignant training images (train/val splits, few-shot images "
+                         f"excluded) with and without subtype {phenotype!r}")
     images = load_images(malignant, size)
     labels = torch.from_numpy(is_target.astype(np.int64))
-    train = torch.from_numpy(~test)
+    train = torch.tensor(~test)
     probe = train_classifier(images[train], labels[train], 2, epochs, seed, classes=("other", phenotype),
                              progress=progress)
-    y, x = is_target[test], images[torch.from_numpy(test)]
+    y, x = is_target[test], images[torch.tensor(test)]
     rows = {"phenotype": phenotype, "n_train": int((~test).sum()), "n_train_phenotype": int(is_target[~test].sum()),
             "n_test": int(test.sum()), "n_test_phenotype": int(y.sum())}
     if 0 < y.sum() < len(y):

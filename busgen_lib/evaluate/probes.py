@@ -122,6 +122,8 @@ def _check_images(images: torch.Tensor) -> torch.Tensor:
 def _predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     model.eval()
     images = _check_images(images)
+    if len(images) == 0:  # an empty batch still has the output's shape (0, ...)
+        return model(images)
     return torch.cat([model(images[i: i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
