@@ -74,12 +74,51 @@ def _adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _protect(args: argparse.Namespace) -> int:
+    from busgen_lib.data.manifest import read_manifest
+    from busgen_lib.diffusion.checkpoint import load_model
+    from busgen_lib.diffusion.privacy import protect
+    from busgen_lib.evaluate.control import load_images
+
+    config = load_model(args.model).config
+    df = read_manifest(args.manifest)
+    df = df[df["split"].astype(str) == "train"]
+    fit = protect(load_images(df, config.image_size), config, args.out, steps=args.steps, seed=args.seed)
+    print(f"{args.out}: {len(df)} training images, clean accuracy {fit.clean_accuracy:.3f} "
+          f"(near 1: memorised, CPSample can recognise them; near 0.5: train longer)")
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     from busgen_lib.diffusion.pipeline import sample_dataset
 
+    cond_fn = None
+    if args.cpsample:
+        from busgen_lib.diffusion.checkpoint import load_model
+        from busgen_lib.diffusion.privacy import CPSampleGuidance, load_classifier
+        from busgen_lib.diffusion.schedule import ddpm_scheduler
+
+        alphas_cumprod = ddpm_scheduler(load_model(args.model).config).alphas_cumprod
+        settings = {"alpha": args.cpsample_alpha, "scale": args.cpsample_scale}
+        cond_fn = CPSampleGuidance(load_classifier(args.cpsample), alphas_cumprod,
+                                   **{k: v for k, v in settings.items() if v is not None})
     manifest = sample_dataset(args.model, args.n, args.out, plan=args.plan, steps=args.steps, guidance=args.guidance,
-                              sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, adapter=args.adapter)
+                              sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, adapter=args.adapter,
+                              cond_fn=cond_fn)
     print(manifest)
+    return 0
+
+
+def _clean(args: argparse.Namespace) -> int:
+    from busgen_lib.data.manifest import read_manifest
+    from busgen_lib.diffusion.cleaning import clean_dataset, fit_label_classifier
+    from busgen_lib.evaluate.control import load_images
+
+    judge = fit_label_classifier(read_manifest(args.real), args.column, size=args.size, epochs=args.epochs,
+                                 seed=args.seed)
+    result = clean_dataset(args.manifest, judge, load_images(read_manifest(args.manifest), args.size), args.column,
+                           args.confidence)
+    print(result.rates.to_string(index=False))
     return 0
 
 
@@ -161,7 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: DPM-Solver++ singlestep, order 3")
     p.add_argument("--seed", type=int, default=0, help="plan seed: sample i always gets the same noise")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cpsample", help="CPSample classifier folder (from `protect`): steer away from training images")
+    p.add_argument("--cpsample-alpha", type=float, help="certainty threshold α (default: privacy.DEFAULT_ALPHA)")
+    p.add_argument("--cpsample-scale", type=float, help="guidance strength s (default: privacy.DEFAULT_SCALE)")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("protect", help="train the CPSample classifier of a model's training images")
+    p.add_argument("--model", required=True, help="model folder: its schedule and resolution")
+    p.add_argument("--manifest", required=True, help="the manifest the model was trained on (train split used)")
+    p.add_argument("--out", required=True, help="classifier folder (reused if it exists)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_protect)
+
+    p = sub.add_parser("clean", help="remove generated images whose label a real-data classifier contradicts")
+    p.add_argument("manifest", help="generated manifest; writes manifest_clean.csv and rejected.csv beside it")
+    p.add_argument("--real", required=True, help="real manifest to train the judge on (train+val; test scores it)")
+    p.add_argument("--column", default="pathology", help="label to check")
+    p.add_argument("--confidence", type=float, default=0.5, help="reject when another class has at least this p")
+    p.add_argument("--size", type=int, default=32, help="judge resolution (px)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_clean)
 
     p = sub.add_parser("notebooks", help="execute the numbered notebooks with papermill")
     p.add_argument("--profile", default="demo", help="smoke | demo | paper")

@@ -21,15 +21,20 @@ class Profile:
     probe_size: int = 32     # resolution of the small real-data classifiers/segmenter that judge generated images
     probe_epochs: int = 20   # their training epochs
     few_shots: int = 34      # images of a phenotype for few-shot adaptation (the paper's DCIS task: 34)
+    synthetic_images: int = 2000    # category-balanced images of the base synthetic dataset (notebook 03)
+    cpsample_steps: int = 1000      # training steps of each CPSample classifier
+    memorisation_steps: int = 2000  # steps of the deliberately memorising model (and its classifier), 16 images
 
 
 PROFILES: dict[str, Profile] = {
     # 600 images: the smallest phantom (seed 0) with DCIS and TNBC images left for a judge beside 4 shots.
     "smoke": Profile("smoke", image_size=32, phantom_images=600, phantom_size=64, num_workers=0,
-                     eval_samples=12, probe_epochs=1, few_shots=4),
+                     eval_samples=12, probe_epochs=1, few_shots=4, synthetic_images=48, cpsample_steps=20,
+                     memorisation_steps=20),
     "demo": Profile("demo", image_size=64, phantom_images=3000, phantom_size=128, num_workers=0),
     "paper": Profile("paper", image_size=160, phantom_images=100_000, phantom_size=256, num_workers=8,
-                     eval_samples=3000, probe_size=64, probe_epochs=30),
+                     eval_samples=3000, probe_size=64, probe_epochs=30, synthetic_images=20_000,
+                     cpsample_steps=20_000),
 }
 
 

@@ -10,7 +10,8 @@ from PIL import Image
 from torch import nn
 
 from busgen_lib.data.manifest import read_manifest, write_manifest
-from busgen_lib.diffusion.cleaning import KEPT_MANIFEST, REJECTED_LOG, clean, clean_dataset
+from busgen_lib.diffusion.cleaning import KEPT_MANIFEST, REJECTED_LOG, clean, clean_dataset, fit_label_classifier
+from busgen_lib.evaluate.control import load_images
 from busgen_lib.evaluate.probes import Probe
 from busgen_lib.evaluate.stats import proportion_ci
 
@@ -84,3 +85,35 @@ def test_clean_dataset_writes_a_valid_manifest_and_a_log(tmp_path):
     assert len(log) == 2 and log["reason"].str.contains("requested pathology").all()
     assert all((tmp_path / p.split("/")[-1]).exists() for p in log["image"])
     assert len(read_manifest(manifest)) == 8  # the original stays untouched
+
+
+def test_label_classifier_is_trained_on_train_val_and_scored_on_test(tiny_phantom):
+    df = read_manifest(tiny_phantom)
+    df["split"] = df["split"].replace({"val": "test"})
+    probe = fit_label_classifier(df, "pathology", size=32, epochs=2, seed=0)
+    assert probe.classes == tuple(sorted(set(df["pathology"])))
+    test = df[df["split"] == "test"]
+    labels = test["pathology"].map({c: k for k, c in enumerate(probe.classes)}).to_numpy()
+    assert probe.reference_accuracy == probe.accuracy(load_images(test, 32), labels)
+    with pytest.raises(ValueError, match="at least two 'pathology' classes"):
+        fit_label_classifier(df[df["pathology"] == "benign"], "pathology", size=32, epochs=1)
+
+
+def test_protect_sample_with_cpsample_and_clean_from_the_command_line(smoke_model, tiny_phantom, tmp_path):
+    from busgen_lib.cli import main
+
+    classifier = tmp_path / "cpsample"
+    assert main(["protect", "--model", str(smoke_model), "--manifest", str(tiny_phantom), "--out", str(classifier),
+                 "--steps", "3"]) == 0
+    runs = {}
+    for name, extra in {"plain": [], "gated": ["--cpsample-alpha", "1e-12"],
+                        "pushed": ["--cpsample-alpha", "0.5", "--cpsample-scale", "1000"]}.items():
+        cps = ["--cpsample", str(classifier), *extra] if extra else []
+        assert main(["sample", "--model", str(smoke_model), "--n", "3", "--out", str(tmp_path / name), *cps]) == 0
+        runs[name] = load_images(read_manifest(tmp_path / name / "manifest.csv"), 32)
+    assert torch.equal(runs["gated"], runs["plain"])  # a gate nothing passes changes nothing
+    assert not torch.equal(runs["pushed"], runs["plain"])
+    assert main(["clean", str(tmp_path / "plain" / "manifest.csv"), "--real", str(tiny_phantom), "--epochs", "1"]) == 0
+    kept = read_manifest(tmp_path / "plain" / KEPT_MANIFEST)
+    rejected = pd.read_csv(tmp_path / "plain" / REJECTED_LOG)
+    assert len(kept) + len(rejected) == 3

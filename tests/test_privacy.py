@@ -19,7 +19,7 @@ from torch import nn
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.diffusion.model import build_model
 from busgen_lib.diffusion.privacy import (NoiseAwareClassifier, classifier_accuracy, classifier_config,
-                                          cpsample_cond_fn, load_classifier, random_labels, save_classifier,
+                                          CPSampleGuidance, load_classifier, protect, random_labels, save_classifier,
                                           train_cpsample_classifier)
 from busgen_lib.diffusion.sample import sample
 from busgen_lib.diffusion.schedule import ddpm_scheduler
@@ -84,7 +84,7 @@ def test_guidance_is_the_closed_form_push_for_confident_samples_and_exactly_zero
     logits = [9.0, -8.0, 1.0, -0.3, 4.0]  # p = 0.99988, 0.00034 (confident at α = 0.01), 0.73, 0.43, 0.982
     x = images_with_logits(logits)
     s, t = 3.0, 200
-    delta = cpsample_cond_fn(Logistic(W), ALPHAS_CUMPROD, alpha=0.01, scale=s)(x, torch.tensor(t), torch.zeros_like(x))
+    delta = CPSampleGuidance(Logistic(W), ALPHAS_CUMPROD, alpha=0.01, scale=s)(x, torch.tensor(t), torch.zeros_like(x))
     p = torch.sigmoid(torch.tensor(logits, dtype=torch.float64))
     closed = -s * np.sqrt(1 - alpha_bar(t)) * (1 - 2 * p)[:, None] * W.double()
     torch.testing.assert_close(delta[:2].flatten(1).double(), closed[:2], rtol=1e-5, atol=0)
@@ -104,7 +104,7 @@ def test_guidance_gradient_matches_finite_differences_of_log_p_times_one_minus_p
         e[k] = h
         fd[:, k] = (objective(x + e.view(1, 1, 2, 2)) - objective(x - e.view(1, 1, 2, 2))) / (2 * h)
     s, t = 2.0, 50
-    delta = cpsample_cond_fn(Logistic(W), ALPHAS_CUMPROD, alpha=0.01, scale=s)(x.float(), t, torch.zeros(2, 1, 2, 2))
+    delta = CPSampleGuidance(Logistic(W), ALPHAS_CUMPROD, alpha=0.01, scale=s)(x.float(), t, torch.zeros(2, 1, 2, 2))
     grad = -delta.flatten(1).double() / (s * np.sqrt(1 - alpha_bar(t)))
     torch.testing.assert_close(grad, fd, rtol=1e-4, atol=1e-6)
 
@@ -116,7 +116,7 @@ def test_guided_x0_prediction_moves_toward_one_half():
     classifier = Logistic(W)
     t = 120
     ab = alpha_bar(t)
-    delta = cpsample_cond_fn(classifier, ALPHAS_CUMPROD, alpha=1e-3, scale=5.0)(x, t, eps)
+    delta = CPSampleGuidance(classifier, ALPHAS_CUMPROD, alpha=1e-3, scale=5.0)(x, t, eps)
 
     def x0_logit(e: torch.Tensor) -> torch.Tensor:
         return classifier((x - np.sqrt(1 - ab) * e) / np.sqrt(ab), t).detach()
@@ -132,8 +132,8 @@ def test_guided_x0_prediction_moves_toward_one_half():
 @pytest.mark.parametrize(("s1", "t1", "s2", "t2"), [(1.0, 10, 1.0, 400), (2.5, 250, 1000.0, 250), (7.0, 0, 0.5, 499)])
 def test_push_scales_exactly_with_s_and_sqrt_one_minus_alpha_bar(s1, t1, s2, t2):
     x = images_with_logits([8.0, -9.0])
-    d1 = cpsample_cond_fn(Logistic(W), ALPHAS_CUMPROD, alpha=0.01, scale=s1)(x, t1, torch.zeros_like(x))
-    d2 = cpsample_cond_fn(Logistic(W), ALPHAS_CUMPROD, alpha=0.01, scale=s2)(x, t2, torch.zeros_like(x))
+    d1 = CPSampleGuidance(Logistic(W), ALPHAS_CUMPROD, alpha=0.01, scale=s1)(x, t1, torch.zeros_like(x))
+    d2 = CPSampleGuidance(Logistic(W), ALPHAS_CUMPROD, alpha=0.01, scale=s2)(x, t2, torch.zeros_like(x))
     # ᾱ as the solvers hold it (float32; its agreement with the float64 product is test_samplers' business):
     # at t = 0, 1 − ᾱ = β_0 = 1e-4 keeps only ~4 significant digits in float32.
     ab1, ab2 = float(ALPHAS_CUMPROD[t1]), float(ALPHAS_CUMPROD[t2])
@@ -145,14 +145,16 @@ def test_gate_is_strict_at_alpha():
     alpha = 0.02
     z = float(np.log((1 - alpha) / alpha))  # p = 1 − α exactly at this logit
     x = images_with_logits([z - 0.01, z + 0.01, -z + 0.01, -z - 0.01])
-    delta = cpsample_cond_fn(Logistic(W), ALPHAS_CUMPROD, alpha=alpha, scale=1.0)(x, 30, torch.zeros_like(x))
+    guidance = CPSampleGuidance(Logistic(W), ALPHAS_CUMPROD, alpha=alpha, scale=1.0)
+    delta = guidance(x, 30, torch.zeros_like(x))
     pushed = delta.flatten(1).abs().sum(1) > 0
     assert pushed.tolist() == [False, True, False, True]
+    assert (guidance.evaluated, guidance.fired, guidance.fire_rate) == (4, 2, 0.5)
 
 
 def test_cond_fn_refuses_a_classifier_of_another_schedule():
     with pytest.raises(ValueError, match="T = 500"):
-        cpsample_cond_fn(Logistic(W), ALPHAS_CUMPROD[:100])
+        CPSampleGuidance(Logistic(W), ALPHAS_CUMPROD[:100])
 
 
 # --------------------------------------------------------------------------- guidance inside the sampler
@@ -180,11 +182,11 @@ def test_cpsample_in_the_sampler_pulls_confident_samples_toward_one_half():
     kwargs = dict(sampler="dpmsolver++", steps=20, order=2, guidance=0.0, seeds=range(16), clip_x0=False,
                   progress=False)
     plain = classifier(sample(model, cond, **kwargs), 0).detach()
-    pushed = classifier(sample(model, cond, cond_fn=cpsample_cond_fn(classifier, ALPHAS_CUMPROD, alpha=1e-3,
+    pushed = classifier(sample(model, cond, cond_fn=CPSampleGuidance(classifier, ALPHAS_CUMPROD, alpha=1e-3,
                                                                      scale=2.0), **kwargs), 0).detach()
     assert plain.min() > np.log(1e3)  # without guidance every sample is "confident"
     assert torch.all(pushed < plain - 0.5)
-    gated = sample(model, cond, cond_fn=cpsample_cond_fn(classifier, ALPHAS_CUMPROD, alpha=1e-12), **kwargs)
+    gated = sample(model, cond, cond_fn=CPSampleGuidance(classifier, ALPHAS_CUMPROD, alpha=1e-12), **kwargs)
     assert torch.equal(classifier(gated, 0).detach(), plain)  # never confident enough → the exact same samples
 
 
@@ -196,7 +198,7 @@ def test_sample_with_cpsample_runs_end_to_end_on_a_tiny_unet():
     kwargs = dict(steps=3, seeds=[0, 1, 2], progress=False)
     plain = sample(model, cond, **kwargs)
     # α = ½ pushes every sample that is not exactly at p = ½, so the untrained classifier has an effect.
-    pushed = sample(model, cond, cond_fn=cpsample_cond_fn(classifier, ddpm_scheduler(model.config).alphas_cumprod,
+    pushed = sample(model, cond, cond_fn=CPSampleGuidance(classifier, ddpm_scheduler(model.config).alphas_cumprod,
                                                           alpha=0.5, scale=50.0), **kwargs)
     assert pushed.shape == (3, 1, 32, 32) and torch.isfinite(pushed).all()
     assert not torch.equal(pushed, plain)
@@ -232,6 +234,18 @@ def test_classifier_training_is_deterministic_per_seed():
                                       seed=s, progress=False).classifier.state_dict() for s in (1, 1, 2)]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_protect_trains_once_then_reloads_the_same_classifier(tmp_path):
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    first = protect(images, Schedule(image_size=8), tmp_path / "c", steps=5, seed=1, progress=False)
+    again = protect(images, Schedule(image_size=8), tmp_path / "c", steps=999, seed=1, progress=False)
+    assert first.seconds > 0 and again.seconds == 0
+    assert all(torch.equal(v, again.classifier.state_dict()[k]) for k, v in first.classifier.state_dict().items())
+    assert torch.equal(first.labels, again.labels)
+    assert (first.clean_accuracy, first.noised_accuracy) == (again.clean_accuracy, again.noised_accuracy)
+    with pytest.raises(ValueError, match="not 16 px"):
+        protect(torch.zeros(8, 1, 16, 16), Schedule(image_size=16), tmp_path / "c", progress=False)
 
 
 # --------------------------------------------------------------------------- nearest neighbours and copies

@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 
 from busgen_lib.data.manifest import read_manifest, write_manifest
-from busgen_lib.evaluate.probes import Probe
+from busgen_lib.evaluate.control import load_images
+from busgen_lib.evaluate.probes import Probe, train_classifier
 from busgen_lib.evaluate.stats import proportion_ci
 
 KEPT_MANIFEST, REJECTED_LOG = "manifest_clean.csv", "rejected.csv"
@@ -82,6 +83,32 @@ def clean(generated: pd.DataFrame, classifier: Probe, images: torch.Tensor, colu
     kept = judged[~reject].drop(columns=["predicted", "p_predicted", "p_requested"])
     kept.attrs = dict(generated.attrs)
     return CleaningResult(kept, rejected, rejection_rates(requested, reject, column))
+
+
+def fit_label_classifier(real_df: pd.DataFrame, column: str = "pathology", size: int = 32, epochs: int = 20,
+                         seed: int = 0, progress: bool = False) -> Probe:
+    """A real-data classifier of `column` for cleaning, trained on the train and val splits.
+
+    Its accuracy on the test split is `reference_accuracy`: how often the judge
+    itself is right on real images, i.e. the floor of wrongful rejections.
+    """
+    classes = tuple(sorted(set(real_df[column].astype(str))))
+    if len(classes) < 2:
+        raise ValueError(f"a cleaning classifier needs at least two {column!r} classes, the data has {list(classes)}")
+    index = {c: k for k, c in enumerate(classes)}
+
+    def part(splits: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        rows = real_df[real_df["split"].astype(str).isin(splits)]
+        rows.attrs = dict(real_df.attrs)
+        labels = torch.tensor(rows[column].astype(str).map(index).to_numpy(dtype=np.int64))
+        return (load_images(rows, size), labels) if len(rows) else None
+
+    train, test = part(("train", "val")), part(("test",))
+    if train is None:
+        raise ValueError("a cleaning classifier needs rows in the train or val split")
+    probe = train_classifier(*train, len(classes), epochs, seed, classes=classes, progress=progress)
+    probe.reference_accuracy = probe.accuracy(*test) if test is not None else None
+    return probe
 
 
 def clean_dataset(manifest: str | Path, classifier: Probe, images: torch.Tensor, column: str = "pathology",

@@ -241,6 +241,29 @@ def train_cpsample_classifier(images: torch.Tensor, schedule: ScheduleConfig, *,
                        seconds=time.perf_counter() - start)
 
 
+def protect(images: torch.Tensor, schedule: ScheduleConfig, folder: str | Path, *, steps: int = 2000,
+            seed: int = 0, progress: bool = True) -> CPSampleFit:
+    """The CPSample classifier of a training set: trained and saved to `folder`, or reloaded from it.
+
+    A reloaded classifier keeps its random labels (they follow from `seed` and
+    the number of images) and has its accuracies measured again; `seconds` is 0.
+    """
+    folder = Path(folder)
+    if (folder / CONFIG_FILE).exists():
+        classifier = load_classifier(folder)
+        if (classifier.config.image_size, classifier.config.num_train_timesteps) != (
+                images.shape[-1], schedule.num_train_timesteps):
+            raise ValueError(f"{folder}: classifier for {classifier.config.image_size} px and T = "
+                             f"{classifier.config.num_train_timesteps}, not {images.shape[-1]} px and T = "
+                             f"{schedule.num_train_timesteps}; delete the folder to retrain")
+        labels = random_labels(len(images), seed)
+        return CPSampleFit(classifier, labels, classifier_accuracy(classifier, images.float(), labels),
+                           classifier_accuracy(classifier, images.float(), labels, noised=True, seed=seed), 0.0)
+    fit = train_cpsample_classifier(images, schedule, steps=steps, seed=seed, progress=progress)
+    save_classifier(fit.classifier, folder)
+    return fit
+
+
 # --------------------------------------------------------------------------- guidance
 
 def _alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor | int, batch: int) -> torch.Tensor:
@@ -249,8 +272,7 @@ def _alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor | int, batch: in
     return alphas_cumprod[index].expand(batch)
 
 
-def cpsample_cond_fn(classifier: NoiseAwareClassifier, alphas_cumprod: torch.Tensor, *,
-                     alpha: float = DEFAULT_ALPHA, scale: float = DEFAULT_SCALE) -> CondFn:
+class CPSampleGuidance:
     """The CPSample push as a `sample(..., cond_fn=...)` hook: returns Δε, which the sampler adds to ε.
 
     Δε = −s √(1 − ᾱ_t) ∇_{x_t} log(p(1 − p)) for samples with min(p, 1 − p) < α,
@@ -258,31 +280,43 @@ def cpsample_cond_fn(classifier: NoiseAwareClassifier, alphas_cumprod: torch.Ten
     sign). `alphas_cumprod` is the diffusion model's ᾱ (T,), e.g.
     `ddpm_scheduler(model.config).alphas_cumprod`; it must be the schedule the
     classifier was trained on. Only x_t is differentiated; the classifier's
-    weights get no gradients.
+    weights get no gradients. `evaluated` and `fired` count sample-steps seen
+    and pushed, so a run can report how often the protection acted.
     """
-    if len(alphas_cumprod) != classifier.config.num_train_timesteps:
-        raise ValueError(f"the classifier was trained on T = {classifier.config.num_train_timesteps} steps, "
-                         f"the sampler's schedule has {len(alphas_cumprod)}; train it on model.config")
-    if not 0.0 < alpha <= 0.5:
-        raise ValueError(f"alpha is a probability threshold in (0, 0.5], got {alpha}")
-    classifier.eval()
-    alphas_cumprod = alphas_cumprod.detach().double()
 
-    def cond_fn(x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
+    def __init__(self, classifier: NoiseAwareClassifier, alphas_cumprod: torch.Tensor, *,
+                 alpha: float = DEFAULT_ALPHA, scale: float = DEFAULT_SCALE):
+        if len(alphas_cumprod) != classifier.config.num_train_timesteps:
+            raise ValueError(f"the classifier was trained on T = {classifier.config.num_train_timesteps} steps, "
+                             f"the sampler's schedule has {len(alphas_cumprod)}; train it on model.config")
+        if not 0.0 < alpha <= 0.5:
+            raise ValueError(f"alpha is a probability threshold in (0, 0.5], got {alpha}")
+        self.classifier = classifier.eval()
+        self.alphas_cumprod = alphas_cumprod.detach().double()
+        self.alpha, self.scale = alpha, scale
+        self.evaluated = self.fired = 0
+
+    @property
+    def fire_rate(self) -> float:
+        """Share of sample-steps on which the push acted."""
+        return self.fired / max(1, self.evaluated)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
+        self.classifier.to(x_t.device)
         with torch.enable_grad():
             x_in = x_t.detach().float().requires_grad_(True)
-            logit = classifier(x_in, t)
+            logit = self.classifier(x_in, t)
             # log p + log(1 − p) via logsigmoid: exact even where p rounds to 0 or 1 in float32.
             objective = F.logsigmoid(logit) + F.logsigmoid(-logit)
             (grad,) = torch.autograd.grad(objective.sum(), x_in)
         p = torch.sigmoid(logit.detach())
-        confident = torch.minimum(p, 1.0 - p) < alpha
-        abar = _alpha_bar_at(alphas_cumprod.to(x_t.device), t, x_t.shape[0])
+        confident = torch.minimum(p, 1.0 - p) < self.alpha
+        self.evaluated += len(confident)
+        self.fired += int(confident.sum())
+        abar = _alpha_bar_at(self.alphas_cumprod.to(x_t.device), t, x_t.shape[0])
         sigma = torch.sqrt(1.0 - abar).to(grad.dtype)
-        delta = -scale * sigma[:, None, None, None] * grad
+        delta = -self.scale * sigma[:, None, None, None] * grad
         return torch.where(confident[:, None, None, None], delta, torch.zeros_like(delta)).to(eps.dtype)
-
-    return cond_fn
 
 
 # --------------------------------------------------------------------------- files

@@ -9,4 +9,11 @@ Modules (import them directly; nothing is imported eagerly here, so that
                images, used as judges of generated images.
 - `control`  — "does conditioning work?": box, pathology and device control of
                generated images, measured by the probes, with real-data ceilings.
+- `phenotype` — a real-data judge of a subtype (DCIS, TNBC-like) and the share of
+               generated images it recognises, per model, with Fisher's test.
+- `memorisation` — nearest training neighbours, near-copy rates against a
+               real-data threshold, Fréchet distance in probe features, and the
+               deliberately memorising setting that measures CPSample.
+- `utility`  — downstream AUC of a classifier trained on a dataset (real,
+               generated, cleaned) on real test images, DeLong CIs and tests.
 """

@@ -50,7 +50,7 @@ from busgen_lib.data.manifest import read_manifest, write_manifest
 from busgen_lib.data.schema import PATHOLOGIES
 from busgen_lib.diffusion.checkpoint import load_model
 from busgen_lib.diffusion.model import SAMPLING_DEFAULTS, BUSGenUNet
-from busgen_lib.diffusion.privacy import (DEFAULT_ALPHA, DEFAULT_SCALE, CPSampleFit, cpsample_cond_fn, random_labels,
+from busgen_lib.diffusion.privacy import (DEFAULT_ALPHA, DEFAULT_SCALE, CPSampleFit, CPSampleGuidance, random_labels,
                                           train_cpsample_classifier)
 from busgen_lib.diffusion.sample import CondFn, sample
 from busgen_lib.diffusion.schedule import ddpm_scheduler
@@ -173,6 +173,10 @@ def frechet_distance(real: torch.Tensor, generated: torch.Tensor, feature_extrac
 
 # --------------------------------------------------------------------------- the memorising setting
 
+# The demo network's shape, for the smoke profile's 32 px: big enough to memorise 16 images in 2000 steps.
+MEMORISING_MODEL = dict(block_out_channels=(16, 48, 96, 128), attention_levels=(False, False, True, True),
+                        layers_per_block=1, norm_num_groups=16)
+
 def memorisation_subset(manifest: str | Path, out: str | Path, n_train: int = 16, n_holdout: int = 8,
                         seed: int = 0) -> Path:
     """A manifest of `n_train` training images, one per lesion (or lesion-free exam), and `n_holdout`
@@ -293,14 +297,14 @@ def memorisation_study(manifest: str | Path, profile: str, out: str | Path, *, n
     then one per (α, s) in `cpsample` — with the training images' own conditions
     and the same seeds → `compare_arms` in the features of `domain_features`.
     A finished model in `out/run` is reused, so a second call only re-samples.
-    Returns the table and the classifier fit (its accuracies say how well it memorised).
+    Returns the table (with the share of sample-steps CPSample pushed) and the classifier fit (its
+    accuracies say how well it memorised).
 
     The smoke network does not memorise: after 2000 steps on 16 phantom images its
     samples were *less* like the training images than new real images are (mean NN
     NCC 0.43 vs 0.56). The demo network's shape at 32 px does, in the same 2000 steps
-    (mean 0.66, 56% near copies): `model_overrides=dict(block_out_channels=(16, 48,
-    96, 128), attention_levels=(False, False, True, True), layers_per_block=1,
-    norm_num_groups=16)`.
+    (mean 0.66, 56% near copies): pass `model_overrides=MEMORISING_MODEL` with the
+    smoke profile.
     """
     out = Path(out)
     subset = memorisation_subset(manifest, out, n_train, n_holdout, seed)
@@ -324,11 +328,13 @@ def memorisation_study(manifest: str | Path, profile: str, out: str | Path, *, n
                     guidance=defaults.guidance if guidance is None else guidance,
                     seeds=[seed * 100_003 + i for i in range(n_generate)])
     cond = training_conditions(train_df, model, n_generate)
+    hooks = {"plain": None} | {f"CPSample α={a:g} s={s:g}": CPSampleGuidance(fit.classifier, alphas_cumprod,
+                                                                             alpha=a, scale=s) for a, s in cpsample}
     arms = {}
-    hooks = [("plain", None)] + [(f"CPSample α={a:g} s={s:g}", cpsample_cond_fn(fit.classifier, alphas_cumprod,
-                                                                              alpha=a, scale=s)) for a, s in cpsample]
-    for name, cond_fn in hooks:
+    for name, cond_fn in hooks.items():
         start = time.perf_counter()
         arms[name] = (sample_conditions(model, cond, cond_fn, **settings), time.perf_counter() - start)
     features = domain_features(manifest, size, epochs=feature_epochs, seed=seed)
-    return compare_arms(arms, training, holdout, features, threshold), fit
+    table = compare_arms(arms, training, holdout, features, threshold)
+    table["cpsample_fire_rate"] = [hooks[a].fire_rate if hooks.get(a) else float("nan") for a in table["arm"]]
+    return table, fit
