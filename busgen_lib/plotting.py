@@ -6,6 +6,7 @@ from pathlib import Path
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
+import numpy as np
 
 PALETTE = {"normal": "#7f7f7f", "benign": "#4c72b0", "malignant": "#c44e52",
            "real": "#3b2c5e", "generated": "#a58fd1", "BUS-DM": "#c44e52", "Baseline": "#4c72b0"}
@@ -37,7 +38,7 @@ def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str, caption: st
     return png
 
 
-def image_grid(images: dict[tuple[str, str], "np.ndarray | None"], rows: list[str], cols: list[str],
+def image_grid(images: dict[tuple[str, str], np.ndarray | None], rows: list[str], cols: list[str],
                cell: float = 1.2, boxes: dict | None = None) -> plt.Figure:
     """A rows × cols grid of grayscale images (e.g. pathology × device); empty cells say so.
 
@@ -64,7 +65,7 @@ def image_grid(images: dict[tuple[str, str], "np.ndarray | None"], rows: list[st
     return fig
 
 
-def area_histogram(areas_by_dataset: dict[str, "np.ndarray"], thresholds: dict[str, float],
+def area_histogram(areas_by_dataset: dict[str, np.ndarray], thresholds: dict[str, float],
                    paper_threshold: float) -> plt.Figure:
     """Fig 3a analogue: lesion relative-area distributions with small-lesion thresholds marked."""
     import numpy as np

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from busgen_lib.data.phantom import write_phantom
 
@@ -20,3 +21,12 @@ def smoke_model(tiny_phantom, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("smoke_run")
     return pretrain(tiny_phantom, "smoke", out, train_overrides={"steps": 2, "batch_size": 4}, progress=False)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: for tiny nets on a shared 2-core machine a second OpenMP thread only spin-waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ from busgen_lib.devices.translate import DeviceTranslators, augment_manifest, de
 from busgen_lib.evaluate.control import load_images
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny nets: a second intra-op thread only spin-waits on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- synthetic unpaired domains

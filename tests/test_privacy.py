@@ -63,13 +63,7 @@ class Logistic(nn.Module):
 W = torch.tensor([1.0, -2.0, 0.5, 1.5])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these nets are tiny, and on a shared 2-core machine two OpenMP threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images_with_logits(logits: list[float]) -> torch.Tensor:

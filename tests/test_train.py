@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from busgen_lib.diffusion import train as train_module
 from busgen_lib.diffusion.checkpoint import latest_checkpoint, load_model

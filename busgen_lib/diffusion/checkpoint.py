@@ -46,19 +46,26 @@ def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- model folders
 
-def save_model(model: BUSGenUNet, out: str | Path, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a model folder atomically; `extra_files` maps file names to text (e.g. the box prior)."""
+def write_weights_folder(module: nn.Module, config_json: str, out: str | Path,
+                         extra_files: dict[str, str] | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` (+ text `extra_files`) into `out` atomically: a reader sees the
+    old folder or the whole new one, never half of it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    (tmp / CONFIG_FILE).write_text(model.config.to_json())
-    save_file(cpu_state(model), tmp / WEIGHTS_FILE)
+    (tmp / CONFIG_FILE).write_text(config_json)
+    save_file(cpu_state(module), tmp / WEIGHTS_FILE)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     replace_dir(tmp, out)
     return out
+
+
+def save_model(model: BUSGenUNet, out: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a model folder atomically; `extra_files` maps file names to text (e.g. the box prior)."""
+    return write_weights_folder(model, model.config.to_json(), out, extra_files)
 
 
 def read_config(folder: str | Path) -> BUSGenConfig:

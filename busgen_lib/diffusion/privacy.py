@@ -41,7 +41,6 @@ samples into adversarial blobs (Fréchet distance 799 → 1320).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -50,12 +49,11 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from busgen_lib.diffusion.checkpoint import CONFIG_FILE, WEIGHTS_FILE, cpu_state, replace_dir
-from busgen_lib.diffusion.sample import CondFn
+from busgen_lib.diffusion.checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_weights_folder
 from busgen_lib.diffusion.schedule import ScheduleConfig, ddpm_scheduler, q_sample
 
 ARCHITECTURE = "cpsample-classifier-v1"
@@ -323,15 +321,7 @@ class CPSampleGuidance:
 
 def save_classifier(classifier: NoiseAwareClassifier, out: str | Path) -> Path:
     """Write a classifier folder (`config.json`, `model.safetensors`) atomically."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    (tmp / CONFIG_FILE).write_text(classifier.config.to_json())
-    save_file(cpu_state(classifier), tmp / WEIGHTS_FILE)
-    replace_dir(tmp, out)
-    return out
+    return write_weights_folder(classifier, classifier.config.to_json(), out)
 
 
 def load_classifier(folder: str | Path, map_location: str = "cpu") -> NoiseAwareClassifier:
