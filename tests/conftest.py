@@ -15,6 +15,12 @@ def tiny_phantom(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_phantom(tmp_path_factory) -> Path:
+    """400 phantom images at 32 px (seed 3): enough malignant subtypes and patients for judges and classifiers."""
+    return write_phantom(tmp_path_factory.mktemp("small_phantom"), n=400, size=32, seed=3, progress=False)
+
+
+@pytest.fixture(scope="session")
 def smoke_model(tiny_phantom, tmp_path_factory) -> Path:
     """A smoke-profile model folder trained for a few steps on `tiny_phantom` (weights barely matter)."""
     from busgen_lib.diffusion.train import pretrain

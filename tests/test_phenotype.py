@@ -3,6 +3,7 @@
 import pytest
 import torch
 from scipy.stats import fisher_exact
+from sklearn.metrics import roc_auc_score
 
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.evaluate.phenotype import PhenotypeJudge, compare_shares, fit_phenotype_judge
@@ -28,15 +29,25 @@ def test_shares_and_fisher_test_match_scipy():
     assert table.loc["adapted", "fisher_p_vs_base"] == pytest.approx(fisher_exact([[13, 7], [2, 18]])[1])
 
 
-def test_judge_keeps_few_shot_images_out_and_reports_held_out_scores(tiny_phantom):
-    df = read_manifest(tiny_phantom)
+def test_judge_keeps_few_shot_images_out_and_is_cross_validated_by_patient(small_phantom):
+    df = read_manifest(small_phantom)
     malignant = df[df["pathology"] == "malignant"]
-    phenotype = malignant["subtype"].value_counts().index[0]
-    shots = malignant[malignant["subtype"] == phenotype]["image"].tolist()[:2]
-    judge = fit_phenotype_judge(df, phenotype, size=16, epochs=1, exclude_images=shots)
+    shots = malignant[malignant["subtype"] == "dcis"]["image"].tolist()[:3]
+    judge = fit_phenotype_judge(df, "dcis", size=16, epochs=2, exclude_images=shots)
     report = judge.report.iloc[0]
     kept = malignant[~malignant["image"].isin(shots)]
-    assert report["n_train"] + report["n_test"] == len(kept)
-    assert report["n_test"] == (kept["split"] == "test").sum()
+    y = (kept["subtype"] == "dcis").to_numpy()
+    assert report["n_images"] == len(kept) == len(judge.cv_scores) and report["n_phenotype"] == y.sum()
+    assert report["cv_auc"] == pytest.approx(roc_auc_score(y, judge.cv_scores), abs=1e-12)
+    assert report["cv_sensitivity"] == pytest.approx((judge.cv_scores[y] >= 0.5).mean())
+    assert report["cv_false_positive_rate"] == pytest.approx((judge.cv_scores[~y] >= 0.5).mean())
+    assert 2 <= report["folds"] <= 5
+
+
+def test_a_phenotype_without_two_patients_is_a_clear_error(small_phantom):
+    df = read_manifest(small_phantom)
     with pytest.raises(ValueError, match="with and without subtype 'angiosarcoma'"):
         fit_phenotype_judge(df, "angiosarcoma", size=16, epochs=1)
+    one_patient = df[(df["subtype"] != "dcis") | (df["patient_id"] == df[df["subtype"] == "dcis"]["patient_id"].iloc[0])]
+    with pytest.raises(ValueError, match="at least 2 patients"):
+        fit_phenotype_judge(one_patient, "dcis", size=16, epochs=1)

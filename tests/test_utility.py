@@ -4,14 +4,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from busgen_lib.data.manifest import read_manifest
-from busgen_lib.data.phantom import write_phantom
 from busgen_lib.evaluate.utility import binary_task, downstream_auc
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    return read_manifest(write_phantom(tmp_path_factory.mktemp("downstream"), n=400, size=32, seed=3,
-                                       progress=False))
+def phantom(small_phantom):
+    return read_manifest(small_phantom)
 
 
 def test_right_labels_beat_swapped_labels_and_aucs_match_sklearn(phantom):
