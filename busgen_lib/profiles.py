@@ -31,7 +31,9 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", image_size=32, phantom_images=600, phantom_size=64, num_workers=0,
                      eval_samples=12, probe_epochs=1, few_shots=4, synthetic_images=48, cpsample_steps=20,
                      memorisation_steps=20),
-    "demo": Profile("demo", image_size=64, phantom_images=3000, phantom_size=128, num_workers=0),
+    # demo generation: ~2 images/s on 2 cores at 64 px, so 1,000 + 2 x 150 images keep notebook 03 near 25 min.
+    "demo": Profile("demo", image_size=64, phantom_images=3000, phantom_size=128, num_workers=0,
+                    synthetic_images=1000, cpsample_steps=500),
     "paper": Profile("paper", image_size=160, phantom_images=100_000, phantom_size=256, num_workers=8,
                      eval_samples=3000, probe_size=64, probe_epochs=30, synthetic_images=20_000,
                      cpsample_steps=20_000),
