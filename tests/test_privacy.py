@@ -7,7 +7,6 @@ scipy's matrix square root; the copy detector against hand-computed correlations
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,15 +28,7 @@ from busgen_lib.evaluate.memorisation import (ProbeFeatures, frechet_distance, m
 from busgen_lib.evaluate.probes import SmallCNN
 from busgen_lib.evaluate.stats import proportion_ci
 
-T, BETA_START, BETA_END = 500, 1e-4, 0.028
-
-
-@dataclass(frozen=True)
-class Schedule:
-    num_train_timesteps: int = T
-    beta_start: float = BETA_START
-    beta_end: float = BETA_END
-    image_size: int = 2
+from reference_schedule import BETA_END, BETA_START, T, Schedule
 
 
 def alpha_bar(t: int) -> float:

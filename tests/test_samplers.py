@@ -8,8 +8,6 @@ N(0, I) noise into N(μ, Σ), up to its discretisation error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
@@ -20,7 +18,8 @@ from busgen_lib.diffusion.model import build_model
 from busgen_lib.diffusion.sample import cfg_eps, sample
 from busgen_lib.diffusion.schedule import ddpm_scheduler, diffusion_loss, q_sample
 
-T, BETA_START, BETA_END = 500, 1e-4, 0.028
+from reference_schedule import BETA_END, BETA_START, T, Schedule
+
 DEVICES = tuple(f"device-{i}" for i in range(3))
 
 
@@ -30,13 +29,6 @@ def alpha_bar_numpy() -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- schedule
-
-@dataclass(frozen=True)
-class Schedule:
-    num_train_timesteps: int = T
-    beta_start: float = BETA_START
-    beta_end: float = BETA_END
-    image_size: int = 2
 
 
 def test_alpha_bar_matches_an_independent_cumprod():
