@@ -90,7 +90,7 @@ def fit_label_classifier(real_df: pd.DataFrame, column: str = "pathology", size:
     """A real-data classifier of `column` for cleaning, trained on the train and val splits.
 
     Its accuracy on the test split is `reference_accuracy`: how often the judge
-    itself is right on real images, i.e. the floor of wrongful rejections.
+    itself is right on real images, which bounds how trustworthy a rejection is.
     """
     classes = tuple(sorted(set(real_df[column].astype(str))))
     if len(classes) < 2:
