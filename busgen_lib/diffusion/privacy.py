@@ -302,20 +302,24 @@ class CPSampleGuidance:
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
         self.classifier.to(x_t.device)
-        with torch.enable_grad():
-            x_in = x_t.detach().float().requires_grad_(True)
-            logit = self.classifier(x_in, t)
-            # log p + log(1 − p) via logsigmoid: exact even where p rounds to 0 or 1 in float32.
-            objective = F.logsigmoid(logit) + F.logsigmoid(-logit)
-            (grad,) = torch.autograd.grad(objective.sum(), x_in)
-        p = torch.sigmoid(logit.detach())
+        x = x_t.detach().float()
+        t = torch.as_tensor(t, device=x.device).expand(len(x))
+        with torch.no_grad():
+            p = torch.sigmoid(self.classifier(x, t))
         confident = torch.minimum(p, 1.0 - p) < self.alpha
         self.evaluated += len(confident)
         self.fired += int(confident.sum())
-        abar = _alpha_bar_at(self.alphas_cumprod.to(x_t.device), t, x_t.shape[0])
-        sigma = torch.sqrt(1.0 - abar).to(grad.dtype)
-        delta = -self.scale * sigma[:, None, None, None] * grad
-        return torch.where(confident[:, None, None, None], delta, torch.zeros_like(delta)).to(eps.dtype)
+        delta = torch.zeros_like(x)
+        if confident.any():  # the gradient only where the push acts: most steps of a non-copying sampler need none
+            with torch.enable_grad():
+                x_in = x[confident].requires_grad_(True)
+                logit = self.classifier(x_in, t[confident])
+                # log p + log(1 − p) via logsigmoid: exact even where p rounds to 0 or 1 in float32.
+                objective = F.logsigmoid(logit) + F.logsigmoid(-logit)
+                (grad,) = torch.autograd.grad(objective.sum(), x_in)
+            abar = _alpha_bar_at(self.alphas_cumprod.to(x.device), t[confident], len(x_in))
+            delta[confident] = -self.scale * torch.sqrt(1.0 - abar).to(grad.dtype)[:, None, None, None] * grad
+        return delta.to(eps.dtype)
 
 
 # --------------------------------------------------------------------------- files
