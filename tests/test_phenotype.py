@@ -1,8 +1,9 @@
 """The phenotype judge: trained without the few-shot images, shares with Wilson CIs, Fisher's test against scipy."""
 
+import numpy as np
 import pytest
 import torch
-from scipy.stats import fisher_exact
+from scipy.stats import fisher_exact, wilcoxon
 from sklearn.metrics import roc_auc_score
 
 from busgen_lib.data.manifest import read_manifest
@@ -27,6 +28,30 @@ def test_shares_and_fisher_test_match_scipy():
     assert table.loc["base", "called_dcis"] == 2 and table.loc["adapted", "called_dcis"] == 13
     assert table.loc["adapted", ["share", "ci_lo", "ci_hi"]].tolist() == pytest.approx(proportion_ci(13, 20))
     assert table.loc["adapted", "fisher_p_vs_base"] == pytest.approx(fisher_exact([[13, 7], [2, 18]])[1])
+
+
+def test_paired_shift_still_orders_images_when_the_share_is_saturated():
+    """Every image is called the phenotype (share 1 vs 1, Fisher p = 1), yet 15 of 20 adapted twins score higher."""
+    judge = PhenotypeJudge(Probe(SignJudge(), ("other", "tnbc")), "tnbc", 4, None)
+    rng = np.random.default_rng(0)
+    base_means = rng.uniform(0.3, 0.6, 20)
+    shifts = np.r_[rng.uniform(0.05, 0.2, 15), -rng.uniform(0.05, 0.2, 5)]
+    base = torch.tensor(base_means, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 4, 4)
+    adapted = torch.tensor(base_means + shifts, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 4, 4)
+    row = compare_shares(judge, {"base": base, "adapted": adapted}).set_index("model").loc["adapted"]
+    assert row["share"] == 1.0 and row["fisher_p_vs_base"] == 1.0
+    assert row[["more_tnbc", "more_ci_lo", "more_ci_hi"]].tolist() == pytest.approx(proportion_ci(15, 20))
+    diff = 2 * (adapted.mean(dim=(1, 2, 3)) - base.mean(dim=(1, 2, 3))).numpy()  # SignJudge log-odds: 2 x mean
+    assert row["wilcoxon_p_vs_base"] == pytest.approx(wilcoxon(diff).pvalue, rel=1e-5)
+    assert row["median_log_odds_shift"] == pytest.approx(np.median(diff), rel=1e-4)
+
+
+def test_paired_comparison_needs_arms_of_equal_size():
+    judge = PhenotypeJudge(Probe(SignJudge(), ("other", "tnbc")), "tnbc", 4, None)
+    with pytest.raises(ValueError, match="equal size"):
+        compare_shares(judge, {"base": torch.zeros(3, 1, 4, 4), "adapted": torch.zeros(4, 1, 4, 4)})
+    assert "more_tnbc" not in compare_shares(judge, {"base": torch.zeros(3, 1, 4, 4),
+                                                     "adapted": torch.zeros(4, 1, 4, 4)}, paired=False)
 
 
 def test_judge_keeps_few_shot_images_out_and_is_cross_validated_by_patient(small_phantom):

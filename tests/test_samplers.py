@@ -74,6 +74,22 @@ def test_diffusion_loss_is_eq1_with_uniform_t_and_gaussian_noise():
     torch.testing.assert_close(loss, (noise ** 2).mean())  # ‖ε − 0‖²
 
 
+def test_offset_noise_adds_one_gaussian_constant_per_image_to_the_target():
+    batch = {"image": torch.rand(4096, 1, 2, 2) * 2 - 1, "pathology": torch.randint(0, 4, (4096,)),
+             "device": torch.zeros(4096, dtype=torch.long)}
+    model = Recorder()
+    loss = diffusion_loss(model, batch, generator=torch.Generator().manual_seed(5), offset_noise=0.3)
+    gen = torch.Generator().manual_seed(5)  # replay: t, then ε, then one offset per image
+    t = torch.randint(0, T, (4096,), generator=gen)
+    noise = torch.randn(4096, 1, 2, 2, generator=gen) + 0.3 * torch.randn(4096, 1, 1, 1, generator=gen)
+    ab = torch.from_numpy(alpha_bar_numpy()).float()[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(model.seen[0], ab.sqrt() * batch["image"] + (1 - ab).sqrt() * noise, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, (noise ** 2).mean())
+    # the noise the model was given: per-image mean variance 1/4 (four i.i.d. pixels) + 0.3² (the shared offset)
+    seen_noise = (model.seen[0] - ab.sqrt() * batch["image"]) / (1 - ab).sqrt()
+    assert seen_noise.mean(dim=(1, 2, 3)).var().item() == pytest.approx(0.25 + 0.09, rel=0.08)
+
+
 # --------------------------------------------------------------------------- the exact Gaussian denoiser
 
 class GaussianEps(nn.Module):

@@ -69,6 +69,7 @@ class BUSGenConfig:
     num_train_timesteps: int = 500
     beta_start: float = 1e-4
     beta_end: float = 0.028
+    offset_noise: float = 0.0  # per-image constant in the training noise (schedule.diffusion_loss); reference: 0
     architecture: str = ARCHITECTURE
     in_channels: int = field(init=False)
 
@@ -142,12 +143,13 @@ class BUSGenConfig:
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     # ≈0.4M at 32 px: CI on CPU in seconds.
     "smoke": dict(block_out_channels=(24, 48), attention_levels=(False, True), layers_per_block=1,
-                  norm_num_groups=8),
+                  norm_num_groups=8, offset_noise=0.1),
     # ≈3.2M at 64 px for a 2-core CPU: compute is dominated by the 64² and 32² levels, so they stay narrow
     # (16, 48 channels, one res block per level) and the parameters sit at 16² and 8², where attention is cheap.
     # A (36, 72, 72, 72) two-block shape of the same size costs ≈2.2x the FLOPs per image.
+    # Offset noise 0.1: without it the device (gain, grey map) never reaches the samples (notebook 01).
     "demo": dict(block_out_channels=(16, 48, 96, 128), attention_levels=(False, False, True, True),
-                 layers_per_block=1, norm_num_groups=16, dropout=0.1),
+                 layers_per_block=1, norm_num_groups=16, dropout=0.1, offset_noise=0.1),
     # The reference network (≈44M here, ≈48M there), see the module docstring; dropout 0.15 as its configs.
     "paper": dict(block_out_channels=(128, 256, 256, 256), attention_levels=(True, True, True, True),
                   resample="resnet", time_scale_shift="scale_shift", dropout=0.15),

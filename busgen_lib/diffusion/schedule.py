@@ -46,6 +46,7 @@ def diffusion_loss(
     batch: Mapping[str, torch.Tensor],
     generator: torch.Generator | None = None,
     scheduler: DDPMScheduler | None = None,
+    offset_noise: float = 0.0,
 ) -> torch.Tensor:
     """Eq. 1: L = E_{x, ε, t} ‖ε − ε_θ(x_t, t, c)‖², t uniform over the T training steps, ε ~ N(0, I).
 
@@ -53,13 +54,26 @@ def diffusion_loss(
     the dataset's dict (image in [-1, 1] plus the conditions); condition dropout
     for classifier-free guidance happens inside the model while it is in training
     mode. `generator` (on any device) makes t and ε reproducible.
+
+    `offset_noise` = s > 0 adds s·η, one N(0, 1) draw per image and channel, to
+    every pixel of ε (Guttenberg, 2023, "Diffusion with offset noise"). Why: with
+    i.i.d. noise the image mean is barely hidden — at t = T its noise has std
+    1/S over S² pixels, against a leaked signal sqrt(ᾱ_T)·mean — so the model
+    learns to read brightness off x_t and never from the conditions; sampling
+    starts from pure noise, where nothing is there to read, and every device
+    comes out with the same grey level. The offset hides the mean for most of
+    the schedule, so gain and dynamic range have to come from the device label.
     """
     scheduler = scheduler or ddpm_scheduler(model.config)
     x0 = batch["image"]
     draw_device = generator.device if generator is not None else x0.device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator,
                       device=draw_device).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=x0.dtype).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=x0.dtype)
+    if offset_noise:
+        noise = noise + offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=generator, device=draw_device,
+                                                   dtype=x0.dtype)
+    noise = noise.to(x0.device)
     x_t = q_sample(scheduler, x0, t, noise)
     eps = model(x_t, t, batch["pathology"], batch["device"], batch.get("boxes"), batch.get("box_valid"),
                 batch.get("box_mask"))

@@ -57,7 +57,7 @@ class TrainConfig:
 
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "smoke": TrainConfig(steps=24, batch_size=8, learning_rate=1e-3, warmup_steps=4, checkpoint_every=12, log_every=4),
-    "demo": TrainConfig(steps=600, batch_size=16, learning_rate=1e-3, warmup_steps=50, checkpoint_every=100),
+    "demo": TrainConfig(steps=1500, batch_size=16, learning_rate=1e-3, warmup_steps=50, checkpoint_every=100),
     "paper": TrainConfig(steps=400_000, batch_size=64, learning_rate=1e-4, warmup_steps=2000, checkpoint_every=5000,
                          log_every=100),
 }
@@ -191,7 +191,7 @@ def fit(model: BUSGenUNet, dataset: BUSDataset, config: TrainConfig, out: Path, 
             torch.manual_seed(derive_seed(config.seed, step, rank))  # noise, t and condition dropout of this step
             model.train()
             with accelerator.autocast():
-                loss = diffusion_loss(model, batch, scheduler=noise_schedule)
+                loss = diffusion_loss(model, batch, scheduler=noise_schedule, offset_noise=net.config.offset_noise)
             accelerator.backward(loss)
             if config.grad_clip:
                 accelerator.clip_grad_norm_(trainable, config.grad_clip)

@@ -146,6 +146,10 @@ class Probe:
     reference_accuracy: float | None = None
     batch_size: int = 256
 
+    def predict_logits(self, images: torch.Tensor) -> np.ndarray:
+        """(N, C) unnormalised class scores: unlike probabilities they do not saturate at 0 or 1."""
+        return _predict(self.model, images, self.batch_size).numpy()
+
     def predict_proba(self, images: torch.Tensor) -> np.ndarray:
         """(N, C) class probabilities for (N, 1, S, S) images in [-1, 1]."""
         return _predict(self.model, images, self.batch_size).softmax(dim=1).numpy()
