@@ -33,10 +33,11 @@ may differ from theirs by a constant factor in s.
 its training images, and s is in units of its logit gradients. On a memorising
 32 px phantom model (notebook 03, `evaluate/memorisation.py`; 16 images, 32
 samples per arm) the paper's α = 1e-3, s = 1000 removed 3 of 18 near copies in
-one run and half of 16 in another, the second time at a large realism cost
-(Fréchet distance 287 → 7,693); α = 0.01, s = 100 removed 10 of 18 (Fréchet
-799 → 834) and 4 of 16 (287 → 1,384). Our defaults are the milder setting;
-measure the trade-off on your own data.
+one run, half of 16 in another and 15 of 18 in a third, the last two at a large
+realism cost (Fréchet distance 287 → 7,693; 296 → 9,097); α = 0.01, s = 100
+removed 10 of 18 (Fréchet 799 → 834), 4 of 16 (287 → 1,384) and 18 of 18
+(296 → 3,472, a model trained with offset noise). Our defaults are the milder
+setting; measure the trade-off on your own data.
 """
 
 from __future__ import annotations
