@@ -68,8 +68,6 @@ def image_grid(images: dict[tuple[str, str], np.ndarray | None], rows: list[str]
 def area_histogram(areas_by_dataset: dict[str, np.ndarray], thresholds: dict[str, float],
                    paper_threshold: float) -> plt.Figure:
     """Fig 3a analogue: lesion relative-area distributions with small-lesion thresholds marked."""
-    import numpy as np
-
     fig, axes = plt.subplots(1, len(areas_by_dataset), figsize=(3.2 * len(areas_by_dataset), 2.6), squeeze=False)
     for ax, (name, areas) in zip(axes[0], areas_by_dataset.items()):
         bins = np.linspace(0, max(0.5, float(np.max(areas))), 40)

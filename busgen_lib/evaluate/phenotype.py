@@ -56,8 +56,13 @@ class PhenotypeJudge:
 
     def share(self, images: torch.Tensor) -> tuple[int, int, float, float, float]:
         """(hits, n, share, ci_lo, ci_hi): how many images the judge calls the phenotype, Wilson CI."""
-        hits = int((self.log_odds(images) > 0).sum())
-        return (hits, len(images), *proportion_ci(hits, len(images)))
+        return _called(self.log_odds(images))
+
+
+def _called(log_odds: np.ndarray) -> tuple[int, int, float, float, float]:
+    """(hits, n, share, ci_lo, ci_hi) of images with positive log-odds: the judge's call, Wilson CI."""
+    hits = int((log_odds > 0).sum())
+    return (hits, len(log_odds), *proportion_ci(hits, len(log_odds)))
 
 
 def fit_phenotype_judge(real_df: pd.DataFrame, phenotype: str, size: int = 32, seed: int = 0, epochs: int = 20,
@@ -116,13 +121,12 @@ def compare_shares(judge: PhenotypeJudge, arms: dict[str, torch.Tensor], paired:
     if paired and len({len(v) for v in scores.values()}) > 1:
         sizes = {k: len(v) for k, v in scores.items()}
         raise ValueError(f"a paired comparison needs arms of equal size, got {sizes}")
+    first_hits, first_n = _called(scores[names[0]])[:2]
     rows = []
     for name in names:
-        hits, n = int((scores[name] > 0).sum()), len(scores[name])
-        row = {"model": name, "n": n, "called_" + judge.phenotype: hits,
-               **dict(zip(("share", "ci_lo", "ci_hi"), proportion_ci(hits, n)))}
+        hits, n, p, lo, hi = _called(scores[name])
+        row = {"model": name, "n": n, "called_" + judge.phenotype: hits, "share": p, "ci_lo": lo, "ci_hi": hi}
         if name != names[0]:
-            first_hits, first_n = int((scores[names[0]] > 0).sum()), len(scores[names[0]])
             table = [[hits, n - hits], [first_hits, first_n - first_hits]]
             row["fisher_p_vs_" + names[0]] = float(fisher_exact(table)[1])
             if paired:
