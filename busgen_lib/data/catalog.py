@@ -85,3 +85,33 @@ def few_shot_manifest(manifest: str | Path, n: int, seed: int = 0) -> Path:
 
     manifest = Path(manifest)
     return write_manifest(few_shot(read_manifest(manifest), n, seed, allow_fewer=True), manifest.with_name(f"{manifest.stem}_{n}shot.csv"))
+
+
+def real_pool(datasets_dir: str | Path, runs_dir: str | Path, include: tuple[str, ...]) -> Path:
+    """The real sets in `include` pooled into one manifest, each set's name as its `device`.
+
+    Each public set comes from its own hospital and scanner mix, so the source
+    set is the device condition of a BUSGen pretrained on real data (issue 10's
+    leave-one-dataset-out design). Written once as `runs/<profile>/data/pool_<names>.csv`.
+    """
+    from busgen_lib.data.manifest import concat_manifests, read_manifest, write_manifest
+
+    manifests = real_datasets(datasets_dir, runs_dir)
+    missing = [name for name in include if name not in manifests]
+    if missing:
+        raise FileNotFoundError(f"real datasets {missing} not found under {datasets_dir}")
+    out = Path(runs_dir) / "data" / f"pool_{'+'.join(sorted(include))}.csv"
+    params = {"include": sorted(include), "sources": {n: str(manifests[n]) for n in sorted(include)}}
+    stamp = out.with_suffix(".json")
+    if out.exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
+        return out
+    parts = []
+    for name in sorted(include):
+        df = read_manifest(manifests[name])
+        df["device"] = name
+        parts.append(write_manifest(df, out.with_name(f"{out.stem}_{name}.csv")))
+    concat_manifests(parts, out)
+    for part in parts:
+        part.unlink()
+    stamp.write_text(json.dumps(params, indent=1))
+    return out
