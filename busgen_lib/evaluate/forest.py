@@ -28,7 +28,8 @@ def forest_plot(tables: Mapping[str, pd.DataFrame], *, title: str = "", ax: plt.
         scored = [(i, r) for i, r in rows if r["status"] == "ok"]
         y = np.array([i + offset for i, _ in scored])
         auc = np.array([r["auc"] for _, r in scored], dtype=float)
-        err = np.array([[r["auc"] - r["ci_lo"], r["ci_hi"] - r["auc"]] for _, r in scored], dtype=float).reshape(-1, 2).T
+        err = np.array([[r["auc"] - r["ci_lo"], r["ci_hi"] - r["auc"]] for _, r in scored], dtype=float)
+        err = err.reshape(-1, 2).T
         ax.errorbar(auc, y, xerr=err, fmt="o", ms=3.5, capsize=2, lw=1, color=PALETTE.get(name), label=name)
         for i, r in rows:
             if r["status"] != "ok" and name == names[0]:

@@ -112,10 +112,17 @@ def scaling_summary(results: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     for (name, size), g in results.groupby(["name", "size"], sort=True):
         row = {"name": name, "size": size, "repeats": len(g)}
         for metric in ("auc", "loss"):
-            values = g[metric].to_numpy(dtype=float)
-            mean = float(values.mean())
-            half = (sps.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-                    if len(values) > 1 else np.nan)
-            row |= {metric: mean, f"{metric}_lo": mean - half, f"{metric}_hi": mean + half}
+            mean, lo, hi = mean_ci(g[metric].to_numpy(dtype=float), level)
+            row |= {metric: mean, f"{metric}_lo": lo, f"{metric}_hi": hi}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi): Student's t interval of the mean over repeats (NaN bounds for a single repeat)."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, np.nan, np.nan
+    half = float(sps.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return mean, mean - half, mean + half
