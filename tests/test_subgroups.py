@@ -12,7 +12,7 @@ from busgen_lib.data.overview import small_lesion_threshold
 from busgen_lib.errors import UsageError
 from busgen_lib.evaluate.forest import forest_plot
 from busgen_lib.evaluate.stats import bootstrap_ci
-from busgen_lib.evaluate.subgroups import NO_BOX, lesion_size_groups, rank_auc, subgroup_auc
+from busgen_lib.evaluate.subgroups import NO_BOX, birads_category, lesion_size_groups, rank_auc, subgroup_auc
 
 matplotlib.use("Agg")
 
@@ -81,3 +81,8 @@ def test_rank_auc_equals_sklearn_with_ties():
     y = rng.integers(0, 2, 300)
     s = rng.integers(0, 10, 300).astype(float)   # many ties
     assert rank_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_birads_category_merges_4a_4b_4c_only():
+    df = pd.DataFrame({"birads": ["2", "3", "4", "4a", "4B", "4c", "5", ""]})
+    assert list(birads_category(df)) == ["2", "3", "4", "4", "4", "4", "5", ""]

@@ -65,7 +65,7 @@ def device_groups(df: pd.DataFrame, seed: int = 0) -> tuple[tuple[str, ...], tup
 def confounded_split(df: pd.DataFrame, strength: float, seed: int = 0, *,
                      groups: tuple[Sequence[str], Sequence[str]] | None = None, column: str = "pathology",
                      negative: str = "benign", positive: str = "malignant",
-                     train_splits: Sequence[str] = ("train", "val"), test_splits: Sequence[str] = ("test",),
+                     train_splits: Sequence[str] = ("train",), test_splits: Sequence[str] = ("val", "test"),
                      ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """(training set, {"confounded", "deconfounded", "anti-confounded": test set}) with a set device bias.
 
@@ -74,7 +74,9 @@ def confounded_split(df: pd.DataFrame, strength: float, seed: int = 0, *,
     device group A and of `positive` rows from group B: the phi coefficient of
     (label, group) is then `strength` (0 = no bias, 1 = device gives the label).
     The test sets (patients in `test_splits`) are class-balanced with phi =
-    +strength, 0 and -strength and one common size. Every set is as large as
+    +strength, 0 and -strength and one common size (validation patients join
+    the test pool by default: three test sets at |phi| = strength need many
+    images, and nothing is tuned here). Every set is as large as
     the data allow; rows carry a `device_group` column ("A"/"B"), and each
     set's `.attrs["phi"]` is its realised phi (rounding moves it by < 2 / n).
     """

@@ -101,6 +101,11 @@ def lesion_size_groups(test_df: pd.DataFrame, train_df: pd.DataFrame,
     return labels
 
 
+def birads_category(df: pd.DataFrame) -> pd.Series:
+    """BI-RADS without the 4a/4b/4c subdivision, for the paper's "BI-RADS 4 subgroup" (§2.5)."""
+    return df["birads"].astype(str).str.lower().str.replace(r"^4[abc]$", "4", regex=True)
+
+
 def _areas(text: str) -> list[float]:
     return [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in parse_boxes(text)]
 
