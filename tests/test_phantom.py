@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from busgen_lib.data.phantom import (
     EXTRA_COLUMNS, detect_envelope, homogeneous_envelope, iter_patients, simulate_iq, speckle_snr, write_phantom,
 )
+from busgen_lib.data.phantom import cohort
 from busgen_lib.data.phantom.speckle import FWHM_PER_SIGMA, psf_sigmas
 from busgen_lib.data.schema import BIRADS, COLUMNS, box_problem, parse_boxes
 from busgen_lib.devices.registry import DEVICES, device_names
@@ -254,6 +255,30 @@ def test_benign_and_malignant_features_overlap(planned):
     assert (benign["shape"] == "irregular").mean() > 0.1
     assert (malignant.margin == "circumscribed").mean() > 0.05
     assert (malignant.posterior == "enhancement").mean() > 0.1
+
+
+def test_presentation_follows_the_stated_model_screening_lesions_smaller_and_less_malignant():
+    """The logistic presentation model (cohort.py) is recovered by an independent MLE fit (statsmodels)."""
+    import statsmodels.api as sm
+    rows = [(p.pathology == "malignant", max(lesion.semi_axes[0] for lesion in p.lesions),
+             p.presentation == "symptomatic") for _, p in iter_patients(25_000, seed=4) if p.lesions]
+    malignant, size, symptomatic = (np.array(c, dtype=float) for c in zip(*rows))
+    x = sm.add_constant(np.column_stack([malignant, size - cohort.SYMPTOMATIC_REFERENCE_SIZE]))
+    fit = sm.Logit(symptomatic, x).fit(disp=0)
+    expected = [cohort.SYMPTOMATIC_BASE_LOGIT, cohort.SYMPTOMATIC_MALIGNANT_SHIFT, cohort.SYMPTOMATIC_PER_SIZE]
+    assert np.all(np.abs(fit.params - expected) < 4 * fit.bse), (fit.params, fit.bse)
+    screening = symptomatic == 0
+    assert np.median(size[screening]) < np.median(size[~screening])
+    assert malignant[screening].mean() < malignant[~screening].mean() - 0.1
+    assert 0.15 < malignant[screening].mean() < 0.5   # both classes present for the Fig 3e task
+
+
+def test_presentation_is_one_value_per_patient(phantom):
+    _, manifest = phantom
+    assert set(manifest.presentation) == set(cohort.PRESENTATIONS)
+    assert (manifest.groupby("patient_id").presentation.nunique() == 1).all()
+    lesions = manifest[manifest.pathology != "normal"]
+    assert set(lesions[lesions.presentation == "screening"].pathology) == {"benign", "malignant"}
 
 
 # ---------------------------------------------------------------- manifest validity

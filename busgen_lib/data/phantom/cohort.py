@@ -7,6 +7,10 @@ A view is a probe pose: azimuth (which cross-section of the lesion), lateral
 offset, in-plane tilt and depth zoom. Every patient is drawn from its own
 random stream (seed, index), so a patient does not depend on how many came
 before it.
+
+A patient's presentation (symptomatic, or found at opportunistic screening:
+the paper's Fig 3d population) is drawn last, from a stream of its own, so
+adding it left every earlier draw, and so every image, unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +40,19 @@ ZOOM = (0.85, 1.15)
 LESION_MARGIN_BELOW_FAT = 0.03
 LESION_MAX_DEPTH = 0.62
 
+# Presentation: a phantom assumption, not a clinical estimate. Larger lesions
+# (palpable) and malignant ones are more likely to cause symptoms, so patients
+# found at screening have smaller lesions and a lower malignant share:
+# P(symptomatic) = sigmoid(base + malignant_shift * [malignant] + per_size * (a - reference)),
+# with a the lateral semi-axis of the patient's largest lesion (fraction of height).
+PRESENTATIONS: tuple[str, str] = ("screening", "symptomatic")
+SYMPTOMATIC_BASE_LOGIT = -0.5
+SYMPTOMATIC_MALIGNANT_SHIFT = 1.0
+SYMPTOMATIC_PER_SIZE = 20.0       # log-odds per unit semi-axis: +-1 over the 0.05..0.15 range
+SYMPTOMATIC_REFERENCE_SIZE = 0.1
+NORMAL_SCREENING_RATE = 0.7       # patients without a lesion
+PRESENTATION_STREAM = 0x50524553  # third rng key ("PRES"); view streams use 1 + view number
+
 
 @dataclass(frozen=True)
 class View:
@@ -59,6 +76,7 @@ class Patient:
     lesions: tuple[Lesion, ...]
     birads: tuple[tuple[str, ...], ...]   # [lesion][exam]: each exam's reader rates anew
     views: tuple[View, ...]
+    presentation: str                     # one of PRESENTATIONS
 
     def exam_id(self, exam: int) -> str:
         return f"{self.patient_id}-E{exam + 1}"
@@ -116,6 +134,19 @@ def _lesion_views(counts: list[int], n_exams: int, rng: np.random.Generator) -> 
     return views
 
 
+def draw_presentation(pathology: str, lesions: tuple[Lesion, ...] | list[Lesion], seed: int, index: int) -> str:
+    """"screening" or "symptomatic" for patient `index`, from its own stream (see PRESENTATION_STREAM)."""
+    rng = np.random.default_rng([seed, index, PRESENTATION_STREAM])
+    if not lesions:
+        p_symptomatic = 1.0 - NORMAL_SCREENING_RATE
+    else:
+        size = max(lesion.semi_axes[0] for lesion in lesions)
+        logit = (SYMPTOMATIC_BASE_LOGIT + SYMPTOMATIC_MALIGNANT_SHIFT * (pathology == "malignant")
+                 + SYMPTOMATIC_PER_SIZE * (size - SYMPTOMATIC_REFERENCE_SIZE))
+        p_symptomatic = 1.0 / (1.0 + np.exp(-logit))
+    return PRESENTATIONS[int(rng.random() < p_symptomatic)]
+
+
 def plan_patient(index: int, seed: int, max_images: int) -> Patient:
     """Draw patient `index` of the cohort with seed `seed`, with at most `max_images` views."""
     rng = np.random.default_rng([seed, index])
@@ -133,4 +164,5 @@ def plan_patient(index: int, seed: int, max_images: int) -> Patient:
         lesions = _lesions(patient_id, pathology, anatomy, len(counts), rng)
         views = _lesion_views(counts, n_exams, rng)
     birads = tuple(tuple(rate_birads(lesion.descriptors, rng) for _ in range(n_exams)) for lesion in lesions)
-    return Patient(patient_id, pathology, anatomy, devices, tuple(lesions), birads, tuple(views))
+    presentation = draw_presentation(pathology, lesions, seed, index)
+    return Patient(patient_id, pathology, anatomy, devices, tuple(lesions), birads, tuple(views), presentation)

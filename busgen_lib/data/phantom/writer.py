@@ -5,7 +5,8 @@ Manifest columns: schema COLUMNS, then the target lesion's BI-RADS descriptors
 aln_positive (1/0 for malignant, empty otherwise), the probe pose
 (probe_angle in degrees, probe_offset as a fraction of width) and
 relative_area: the summed area of the image's lesion boxes as a fraction of
-the image (the box-based lesion size, computable for real data too).
+the image (the box-based lesion size, computable for real data too), and the
+patient's presentation ("screening" or "symptomatic", cohort.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from busgen_lib.devices.registry import get_device
 DESCRIPTOR_COLUMNS: tuple[str, ...] = (
     "shape", "margin", "orientation", "echo_pattern", "posterior", "halo", "calcifications",
 )
-EXTRA_COLUMNS: tuple[str, ...] = (*DESCRIPTOR_COLUMNS, "aln_positive", "probe_angle", "probe_offset", "relative_area")
+EXTRA_COLUMNS: tuple[str, ...] = (*DESCRIPTOR_COLUMNS, "aln_positive", "probe_angle", "probe_offset", "relative_area",
+                                 "presentation")
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 NORMAL_BIRADS = "1"
 
@@ -71,6 +73,7 @@ def _row(patient: Patient, view: View, visible: list[Lesion], boxes: list, name:
     row["probe_angle"] = round(view.azimuth_deg, 1)
     row["probe_offset"] = round(view.offset, 3) + 0.0  # no "-0.0"
     row["relative_area"] = round(sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes), 6)
+    row["presentation"] = patient.presentation
     return row
 
 

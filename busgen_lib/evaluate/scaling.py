@@ -1,0 +1,128 @@
+"""Data-scaling curves (paper §2.5, Fig 4e): test loss and AUC against training-set size.
+
+For each size and repeat, a class-balanced random subset of a pool (real or
+generated images) is drawn by patient, a model is trained on it with the given
+`TrainFn`, and its AUC and binary cross-entropy on a fixed test set are
+recorded — the paper "randomly sampled images in different data scales ...
+repeatedly sampled 5 times at each data scale" (§4.4.3). Each finished
+(size, repeat) is appended to a CSV at once, so a killed run resumes where it
+stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+from sklearn.metrics import log_loss, roc_auc_score
+from tqdm.auto import tqdm
+
+from busgen_lib.data.dataset import derive_seed
+from busgen_lib.errors import UsageError
+from busgen_lib.evaluate.training import SEED_LIMIT, TrainFn, probabilities
+from busgen_lib.evaluate.utility import binary_task
+
+RESULT_COLUMNS = ("name", "size", "repeat", "seed", "n_train", "n_pos_train", "n_patients", "auc", "loss")
+
+
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The seed of repeat `repeat`: it draws the subsets (at every size) and seeds the TrainFn."""
+    return derive_seed(seed, repeat) % SEED_LIMIT
+
+
+def draw_subset(pool: pd.DataFrame, size: int, seed: int, *, column: str = "pathology", negative: str = "benign",
+                positive: str = "malignant", group: str = "patient_id") -> pd.DataFrame:
+    """`size` rows of `pool`, half of each class (the odd one negative), taken patient by patient.
+
+    Per class, patients are put in a seeded random order (and each patient's
+    images too) and images are taken in that order until the class quota is
+    met, so a subset holds whole patients but the last. The same seed gives
+    nested subsets across sizes: a larger subset extends a smaller one.
+    """
+    rows, y = binary_task(pool, negative, positive, column)
+    quota = {1: size // 2, 0: size - size // 2}
+    picked = []
+    for label, name in ((0, negative), (1, positive)):
+        members = rows[y == label]
+        if len(members) < quota[label]:
+            raise UsageError(f"the pool has {len(members)} {name!r} images in {column!r}; a class-balanced subset "
+                             f"of {size} needs {quota[label]}. Lower the largest size or enlarge the pool.")
+        rng = np.random.default_rng([seed, label])
+        patients = members[group].astype(str)
+        unique = np.sort(patients.unique())
+        patient_rank = dict(zip(unique[rng.permutation(len(unique))], range(len(unique))))
+        order = np.lexsort((rng.permutation(len(members)), patients.map(patient_rank).to_numpy()))
+        picked.append(members.iloc[order[: quota[label]]])
+    subset = pd.concat(picked)
+    subset.attrs = dict(pool.attrs)
+    return subset
+
+
+def scaling_curve(train_fn: TrainFn, pool: pd.DataFrame, test_df: pd.DataFrame, sizes: Sequence[int], repeats: int,
+                  results_csv: str | Path, *, name: str = "", seed: int = 0, column: str = "pathology",
+                  negative: str = "benign", positive: str = "malignant", group: str = "patient_id",
+                  progress: bool = True) -> pd.DataFrame:
+    """One row per (size, repeat): training set counts, test AUC and test loss (sklearn log_loss).
+
+    Rows already in `results_csv` (from an interrupted run with the same seed)
+    are kept and skipped; every new row is appended as soon as it is done.
+    `name` labels the arm (e.g. "real", "generated") for plotting several curves.
+    """
+    if repeats < 1 or not sizes or min(sizes) < 2:
+        raise UsageError(f"need repeats >= 1 and sizes >= 2, got repeats={repeats}, sizes={list(sizes)}")
+    test_rows, y_test = binary_task(test_df, negative, positive, column)
+    if y_test.min(initial=1) == y_test.max(initial=0):
+        raise UsageError(f"the test set needs both {negative!r} and {positive!r} rows in {column!r}")
+    path = Path(results_csv)
+    done = _load_results(path, seed)
+    jobs = [(int(s), r) for s in sorted(set(sizes)) for r in range(repeats)]
+    todo = [job for job in jobs if job not in set(zip(done["size"], done["repeat"]))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for size, repeat in tqdm(todo, desc=f"scaling {name}".strip(), unit="fit", disable=not progress):
+        s = repeat_seed(seed, repeat)
+        subset = draw_subset(pool, size, s, column=column, negative=negative, positive=positive, group=group)
+        p = probabilities(train_fn(subset, s), test_rows)
+        row = {"name": name, "size": size, "repeat": repeat, "seed": s, "n_train": len(subset),
+               "n_pos_train": int((subset[column].astype(str) == positive).sum()),
+               "n_patients": subset[group].nunique(), "auc": roc_auc_score(y_test, p),
+               "loss": log_loss(y_test, p, labels=[0, 1])}
+        pd.DataFrame([row], columns=RESULT_COLUMNS).to_csv(path, mode="a", header=not path.exists(), index=False)
+    results = _load_results(path, seed)
+    wanted = pd.MultiIndex.from_tuples(jobs, names=["size", "repeat"])
+    return results.set_index(["size", "repeat"]).loc[wanted].reset_index()[list(RESULT_COLUMNS)]
+
+
+def _load_results(path: Path, seed: int) -> pd.DataFrame:
+    if not path.exists():
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    results = pd.read_csv(path, dtype={"name": str}, keep_default_na=False)
+    expected = results["repeat"].map(lambda r: repeat_seed(seed, int(r)))
+    if not (results["seed"] == expected).all():
+        raise UsageError(f"{path} holds results of a run with another seed; pass that seed to resume it, "
+                         "or write to a new results file")
+    return results
+
+
+def scaling_summary(results: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Mean and t-interval across repeats of AUC and loss, per arm and size (Fig 4e's curves and bands)."""
+    rows = []
+    for (name, size), g in results.groupby(["name", "size"], sort=True):
+        row = {"name": name, "size": size, "repeats": len(g)}
+        for metric in ("auc", "loss"):
+            mean, lo, hi = mean_ci(g[metric].to_numpy(dtype=float), level)
+            row |= {metric: mean, f"{metric}_lo": lo, f"{metric}_hi": hi}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi): Student's t interval of the mean over repeats (NaN bounds for a single repeat)."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, np.nan, np.nan
+    half = float(sps.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return mean, mean - half, mean + half
