@@ -55,7 +55,7 @@ def test_score_arms_trains_each_arm_and_seed_once_and_resumes(tmp_path):
     def train_fn(df: pd.DataFrame, seed: int):
         calls.append((tuple(df["image"]), seed))
         noise = np.random.default_rng(seed).normal(scale=0.5, size=1000)
-        return lambda test: test["signal"].to_numpy() + noise[: len(test)]
+        return lambda test: 1.0 / (1.0 + np.exp(-(test["signal"].to_numpy() + noise[: len(test)])))
 
     scores = g.score_arms(arms, tests, train_fn, [0, 1, 2], tmp_path, progress=False)
     assert len(calls) == 6 and len(scores) == 6 * 2 * 40

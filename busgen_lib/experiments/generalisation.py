@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +29,9 @@ from tqdm.auto import tqdm
 
 from busgen_lib.data import catalog
 from busgen_lib.data.manifest import read_manifest, resolve
+from busgen_lib.evaluate.scaling import mean_ci
 from busgen_lib.evaluate.stats import bootstrap_ci, delong_test
-
-ScoreFn = Callable[[pd.DataFrame], np.ndarray]
-TrainFn = Callable[[pd.DataFrame, int], ScoreFn]
+from busgen_lib.evaluate.training import TrainFn, probabilities
 
 TASK = ("benign", "malignant")  # negative, positive
 REAL, GENERATED, BOTH = "real", "generated", "generated + real"
@@ -116,7 +115,7 @@ def score_arms(arms: Mapping[str, pd.DataFrame], tests: Mapping[str, pd.DataFram
         score = train_fn(arms[arm], int(seed))
         parts = [pd.DataFrame({"arm": arm, "seed": int(seed), "test": name, "row": np.arange(len(df)),
                                "image": df["image"].astype(str).to_numpy(), "y": labels(df),
-                               "score": np.asarray(score(df), dtype=float)})
+                               "score": probabilities(score, df)})
                  for name, df in tests.items()]
         frame = pd.concat(parts, ignore_index=True)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,14 +136,6 @@ def auc_by_seed(scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Student-t interval of a mean over seeds (NaN with one seed: no spread to estimate)."""
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    half = sps.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return float(values.mean() - half), float(values.mean() + half)
-
-
 def drop_table(per_seed: pd.DataFrame, reference: str = REAL) -> pd.DataFrame:
     """Internal AUC, external AUC and the drop between them per arm, mean over seeds with t-intervals.
 
@@ -160,8 +151,8 @@ def drop_table(per_seed: pd.DataFrame, reference: str = REAL) -> pd.DataFrame:
         row = {"arm": arm, "seeds": len(g)}
         for column in ("internal", "external", "drop"):
             values = g[column].to_numpy()
-            lo, hi = _t_interval(values)
-            row |= {column: values.mean(), f"{column}_sd": values.std(ddof=1) if len(values) > 1 else float("nan"),
+            mean, lo, hi = mean_ci(values)
+            row |= {column: mean, f"{column}_sd": values.std(ddof=1) if len(values) > 1 else float("nan"),
                     f"{column}_lo": lo, f"{column}_hi": hi}
         if arm != reference:
             diff = g.set_index("seed")["drop"].sub(ref).dropna().to_numpy()
