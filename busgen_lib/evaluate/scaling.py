@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
@@ -126,3 +127,17 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float, floa
         return mean, np.nan, np.nan
     half = float(sps.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
     return mean, mean - half, mean + half
+
+
+def scaling_figure(summary: pd.DataFrame) -> plt.Figure:
+    """Fig 4e's layout: test loss (top) and AUC (bottom) against training-set size, one line per arm."""
+    fig, axes = plt.subplots(2, 1, figsize=(4.2, 4.6), sharex=True)
+    for ax, metric in zip(axes, ("loss", "auc")):
+        for name, g in summary.groupby("name", sort=False):
+            ax.plot(g["size"], g[metric], marker="o", label=name)
+            ax.fill_between(g["size"], g[f"{metric}_lo"], g[f"{metric}_hi"], alpha=0.25)
+        ax.set(ylabel={"loss": "test loss (cross-entropy)", "auc": "test AUC"}[metric], xscale="log")
+    axes[1].set_xlabel("training images")
+    axes[0].legend()
+    fig.tight_layout()
+    return fig

@@ -21,6 +21,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
@@ -187,3 +188,20 @@ def ensemble_table(scores: pd.DataFrame, reference: str = REAL, n_boot: int = 10
                 row[f"delong_p_vs_{reference}"] = delong_test(y, s, ref["score"].to_numpy())[3]
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def drop_figure(per_seed: Mapping[str, pd.DataFrame]) -> plt.Figure:
+    """One panel per held-out set: each arm's internal → external AUC (mean over seeds, 95% t-interval)."""
+    fig, axes = plt.subplots(1, len(per_seed), figsize=(3.6 * len(per_seed), 2.8), squeeze=False, sharey=True)
+    for ax, (held, table) in zip(axes[0], per_seed.items()):
+        for k, (arm, g) in enumerate(table.groupby("arm", sort=False)):
+            stats = [mean_ci(g.loc[g["test"] == test, "auc"].to_numpy()) for test in ("internal", "external")]
+            means = [s[0] for s in stats]
+            errors = [[m - lo for m, lo, _ in stats], [hi - m for m, _, hi in stats]]
+            x = np.array([0, 1]) + (k - 1) * 0.04
+            ax.errorbar(x, means, yerr=np.nan_to_num(errors), marker="o", capsize=3, label=arm)
+        ax.set(xticks=[0, 1], xticklabels=["internal", f"external\n({held})"], xlim=(-0.3, 1.3),
+               title=f"{held} held out", ylabel="AUC")
+    axes[0, -1].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    return fig
