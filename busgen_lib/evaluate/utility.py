@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import roc_auc_score
 
 from busgen_lib.errors import DataError, UsageError
 from busgen_lib.evaluate.control import load_images
@@ -37,6 +38,10 @@ class DownstreamResult:
     y_true: np.ndarray
     scores: dict[str, list[np.ndarray]]
     seeds: tuple[int, ...]
+
+    def aucs(self) -> dict[str, np.ndarray]:
+        """Per arm, the AUC of each seed's classifier (the dots of `plotting.seeded_aucs`)."""
+        return {name: np.array([roc_auc_score(self.y_true, s) for s in scores]) for name, scores in self.scores.items()}
 
 
 def binary_task(df: pd.DataFrame, negative: str, positive: str, column: str = "pathology",
