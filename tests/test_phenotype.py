@@ -1,4 +1,4 @@
-"""The phenotype judge: trained without the few-shot images, shares with Wilson CIs, McNemar/Fisher against references."""
+"""The phenotype judge: trained without the few-shot images, Wilson CIs, McNemar and Fisher against references."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The §4.5 statistics against independent references: sklearn, Mann–Whitney, Hanley–McNeil, scipy, exact counts."""
+"""The §4.5 statistics against independent references: sklearn, Mann–Whitney, a direct DeLong, scipy, exact counts."""
 
 import math
 
