@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib as mpl
@@ -28,8 +29,18 @@ def provenance(data: str, profile: str, n: int | str) -> str:
 
 
 def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str, caption: str) -> Path:
-    """Stamp the caption under the figure and write PNG + PDF; returns the PNG path."""
-    fig.text(0.01, -0.02, caption, ha="left", va="top", fontsize=7, color="#444444", wrap=True)
+    """Stamp the caption under the figure and write PNG + PDF; returns the PNG path.
+
+    The caption goes below everything already drawn (axis labels, tick labels,
+    legends), measured with the renderer after the layout has run, so it never
+    overlaps them; `savefig.bbox = "tight"` then grows the file to include it.
+    """
+    fig.draw_without_rendering()  # run any layout engine first: positions are final
+    drawn = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    gap = 4.0 / 72.0  # 4 pt between the lowest label and the caption
+    y = (drawn.y0 - gap) / fig.get_figheight()
+    x = max(drawn.x0, 0.0) / fig.get_figwidth()
+    fig.text(x, y, caption, ha="left", va="top", fontsize=7, color="#444444", wrap=True)
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{name}.png"
@@ -80,4 +91,29 @@ def area_histogram(areas_by_dataset: dict[str, np.ndarray], thresholds: dict[str
         ax.set_xlabel("lesion box area / image area")
         ax.legend(fontsize=6)
     axes[0, 0].set_ylabel("lesions")
+    return fig
+
+
+def seeded_aucs(aucs: Mapping[str, Sequence[float]], p_values: Mapping[str, str] | None = None,
+                reference: str | None = None) -> plt.Figure:
+    """Arms trained with several seeds: each seed's AUC (dots) and the mean ± SD over seeds (bar), one row per arm.
+
+    `p_values` optionally maps an arm to a short label (e.g. "p = 0.03 vs generated") printed beside its row;
+    `reference` marks the arm the others were tested against with a dashed line at its mean.
+    """
+    names = list(aucs)[::-1]
+    fig, ax = plt.subplots(figsize=(4.6, 0.5 * len(names) + 1.0))
+    for i, name in enumerate(names):
+        a = np.asarray(aucs[name], dtype=float)
+        sd = a.std(ddof=1) if len(a) > 1 else 0.0
+        ax.errorbar(a.mean(), i, xerr=sd, fmt="s", color="k", capsize=3, ms=4, zorder=3)
+        ax.scatter(a, np.full(len(a), i) + np.linspace(-0.12, 0.12, len(a)), s=14, color=PALETTE["generated"],
+                   zorder=2)
+        if p_values and name in p_values:
+            ax.annotate(p_values[name], (1.0, i), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=7)
+    if reference is not None:
+        ax.axvline(float(np.mean(aucs[reference])), ls="--", lw=0.8, color="#999999")
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="AUC on real test images (dots: seeds; bar: mean ± SD)", ylim=(-0.6, len(names) - 0.4))
     return fig

@@ -57,11 +57,10 @@ def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 # --------------------------------------------------------------------------- networks
 
-def test_generator_keeps_the_image_shape_and_range():
-    g = ResnetGenerator(ngf=8, n_blocks=2)
-    out = g(torch.randn(3, 1, 32, 32))
-    assert out.shape == (3, 1, 32, 32)
-    assert out.abs().max() <= 1
+def test_generator_keeps_the_image_shape_at_any_multiple_of_four():
+    g = ResnetGenerator(ngf=8, n_blocks=2)  # its range is its final tanh's: nothing to test there
+    for size in (32, 44):
+        assert g(torch.randn(3, 1, size, size)).shape == (3, 1, size, size)
 
 
 def test_discriminator_gives_one_logit_per_patch():

@@ -86,7 +86,6 @@ def test_sample_keys_dtypes_shapes_and_box_mask_agree_with_boxes(df, train):
     for i in range(len(ds)):
         s = ds[i]
         assert s["image"].dtype == torch.float32 and s["image"].shape == (1, S, S)
-        assert -1.0 <= s["image"].min() and s["image"].max() <= 1.0
         assert s["pathology"].dtype == torch.int64 and s["device"].dtype == torch.int64
         assert s["boxes"].shape == (4, 4) and s["boxes"].dtype == torch.float32
         assert s["box_valid"].dtype == torch.bool and s["box_valid"].sum() == len(ROWS[i][2])

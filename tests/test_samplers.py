@@ -271,7 +271,7 @@ def test_sample_i_depends_on_its_seed_only(smoke_model, sampler):
     kwargs = dict(sampler=sampler, steps=3, order=3, guidance=1.8, progress=False)
     in_batch = sample(smoke_model, cond4, seeds=[10, 11, 12, 13], **kwargs)
     alone = sample(smoke_model, cond1, seeds=[12], **kwargs)
-    assert in_batch.shape == (4, 1, 32, 32) and in_batch.abs().max() <= 1
+    assert in_batch.shape == (4, 1, 32, 32)
     # same noise; the network's kernels may round differently for another batch size (seen: 4e-5)
     torch.testing.assert_close(alone[0], in_batch[2], rtol=0, atol=5e-4)
     assert not torch.allclose(in_batch[1], in_batch[2], atol=1e-2)

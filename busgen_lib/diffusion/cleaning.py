@@ -91,6 +91,8 @@ def fit_label_classifier(real_df: pd.DataFrame, column: str = "pathology", size:
 
     Its accuracy on the test split is `reference_accuracy`: how often the judge
     itself is right on real images, which bounds how trustworthy a rejection is.
+    A downstream "real" arm trained on the same train and val rows shares these
+    images with the judge (as with the generator): say so where they are compared.
     """
     classes = tuple(sorted(set(real_df[column].astype(str))))
     if len(classes) < 2:

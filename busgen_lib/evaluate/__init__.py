@@ -4,16 +4,18 @@ Modules (import them directly; nothing is imported eagerly here, so that
 `import busgen_lib.evaluate.stats` stays free of torch):
 
 - `stats`    — bootstrap and Wilson confidence intervals, DeLong's AUC test,
-               permutation tests for sensitivity/specificity (§4.5).
+               permutation tests for sensitivity/specificity (§4.5), and the
+               comparison of arms trained with several seeds.
 - `probes`   — small CNN classifiers and a mini UNet segmenter trained on real
                images, used as judges of generated images.
 - `control`  — "does conditioning work?": box, pathology and device control of
                generated images, measured by the probes, with real-data ceilings.
 - `phenotype` — a real-data judge of a subtype (DCIS, TNBC-like) and the share of
-               generated images it recognises, per model, with Fisher's test.
+               generated images it recognises, per model, with McNemar's paired test.
 - `memorisation` — nearest training neighbours, near-copy rates against a
                real-data threshold, Fréchet distance in probe features, and the
                deliberately memorising setting that measures CPSample.
 - `utility`  — downstream AUC of a classifier trained on a dataset (real,
-               generated, cleaned) on real test images, DeLong CIs and tests.
+               generated, cleaned, randomly thinned) on real test images,
+               each arm trained with several seeds and tested across them.
 """

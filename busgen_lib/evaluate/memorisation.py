@@ -300,11 +300,11 @@ def memorisation_study(manifest: str | Path, profile: str, out: str | Path, *, n
     Returns the table (with the share of sample-steps CPSample pushed) and the classifier fit (its
     accuracies say how well it memorised).
 
-    The smoke network does not memorise: after 2000 steps on 16 phantom images its
-    samples were *less* like the training images than new real images are (mean NN
-    NCC 0.43 vs 0.56). The demo network's shape at 32 px does, in the same 2000 steps
-    (mean 0.66, 56% near copies): pass `model_overrides=MEMORISING_MODEL` with the
-    smoke profile.
+    The smoke network is too small to memorise 16 phantom images in 2000 steps
+    (its samples stay further from them than new real images are); the demo
+    network's shape at 32 px does memorise them: pass
+    `model_overrides=MEMORISING_MODEL` with the smoke profile. Notebook 03 holds
+    the measured copy rates.
     """
     out = Path(out)
     subset = memorisation_subset(manifest, out, n_train, n_holdout, seed)
