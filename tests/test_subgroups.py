@@ -12,7 +12,8 @@ from busgen_lib.data.overview import small_lesion_threshold
 from busgen_lib.errors import UsageError
 from busgen_lib.evaluate.forest import forest_plot
 from busgen_lib.evaluate.stats import bootstrap_ci
-from busgen_lib.evaluate.subgroups import NO_BOX, birads_category, lesion_size_groups, rank_auc, subgroup_auc
+from busgen_lib.evaluate.stats import rank_auc
+from busgen_lib.evaluate.subgroups import NO_BOX, birads_category, lesion_size_groups, subgroup_auc
 
 matplotlib.use("Agg")
 

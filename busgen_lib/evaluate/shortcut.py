@@ -42,7 +42,7 @@ from busgen_lib.data.manifest import resolve
 from busgen_lib.diffusion.plan import balanced_cell
 from busgen_lib.errors import UsageError
 from busgen_lib.evaluate.scaling import mean_ci
-from busgen_lib.evaluate.subgroups import auc_ci, rank_auc
+from busgen_lib.evaluate.stats import auc_ci, rank_auc
 from busgen_lib.evaluate.training import SEED_LIMIT, TrainFn, probabilities
 from busgen_lib.evaluate.utility import binary_task
 

@@ -145,7 +145,7 @@ def auc_ci(y_true: np.ndarray, score: np.ndarray, method: Literal["bootstrap", "
     if method != "bootstrap":
         raise UsageError(f"auc_ci: method must be 'bootstrap' or 'delong', got {method!r}")
     _check_two_classes(y)
-    return bootstrap_ci(_auc, y, np.asarray(score, dtype=float), n_boot=n_boot, level=level, seed=seed, stratify=y)
+    return bootstrap_ci(rank_auc, y, np.asarray(score, dtype=float), n_boot=n_boot, level=level, seed=seed, stratify=y)
 
 
 def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
@@ -192,12 +192,12 @@ def auc_permutation_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.nd
     rank_a, rank_b = (sps.rankdata(np.asarray(s, dtype=float)) for s in (score_a, score_b))
 
     def auc_of_rows(rows: np.ndarray) -> float:
-        return _auc(rows[:, 0], rows[:, 1])
+        return rank_auc(rows[:, 0], rows[:, 1])
 
     return permutation_test(auc_of_rows, np.c_[y, rank_a], np.c_[y, rank_b], n_perm=n_perm, seed=seed, paired=True)
 
 
-def _auc(y_true: np.ndarray, score: np.ndarray) -> float:
+def rank_auc(y_true: np.ndarray, score: np.ndarray) -> float:
     """The AUC as the Mann–Whitney statistic (midranks for ties); NaN without both classes."""
     y = np.asarray(y_true).astype(bool)
     m, n = int(y.sum()), int((~y).sum())
@@ -252,12 +252,12 @@ def compare_seeded_arms(y_true: np.ndarray, arm_scores: Mapping[str, Sequence[np
         for k, s in enumerate(scores):
             if s.shape != y.shape:
                 raise DataError(f"arm {name!r}, seed {k}: {s.shape[0] if s.ndim else 0} scores for {len(y)} test cases")
-    aucs = {name: np.array([_auc(y, s) for s in scores]) for name, scores in arms.items()}
+    aucs = {name: np.array([rank_auc(y, s) for s in scores]) for name, scores in arms.items()}
     ensembles = {name: np.mean(scores, axis=0) for name, scores in arms.items()}
     rows = []
     for name, a in aucs.items():
         row = {"arm": name, "n_seeds": len(a), "auc_mean": a.mean(), "auc_sd": a.std(ddof=1), "auc_min": a.min(),
-               "auc_max": a.max(), "ensemble_auc": _auc(y, ensembles[name])}
+               "auc_max": a.max(), "ensemble_auc": rank_auc(y, ensembles[name])}
         if name != reference:
             row |= _paired_across_seeds(a, aucs[reference], level)
             _, _, z, p = delong_test(y, ensembles[name], ensembles[reference], degenerate="permutation")
