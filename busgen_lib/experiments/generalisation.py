@@ -25,13 +25,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm.auto import tqdm
 
 from busgen_lib.data import catalog
 from busgen_lib.data.manifest import read_manifest, resolve
 from busgen_lib.evaluate.scaling import mean_ci
-from busgen_lib.evaluate.stats import bootstrap_ci, delong_test
+from busgen_lib.evaluate.stats import auc_ci, delong_test
 from busgen_lib.evaluate.training import TrainFn, probabilities
 
 TASK = ("benign", "malignant")  # negative, positive
@@ -89,8 +89,11 @@ def design(pool: str | Path, held_out_manifest: str | Path, generated: str | Pat
 
 # ------------------------------------------------------------------ scoring, resumable
 
-def _digest(df: pd.DataFrame) -> str:
-    return hashlib.sha256("\n".join(df["image"].astype(str) + "\t" + df["pathology"].astype(str)).encode()).hexdigest()[:16]
+def digest(df: pd.DataFrame) -> str:
+    """A short fingerprint of which images with which labels a table holds (for resumable results)."""
+    columns = [c for c in ("image", "pathology", "boxes") if c in df]
+    text = df[columns].astype(str).agg("\t".join, axis=1).str.cat(sep="\n")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def score_arms(arms: Mapping[str, pd.DataFrame], tests: Mapping[str, pd.DataFrame], train_fn: TrainFn,
@@ -103,12 +106,12 @@ def score_arms(arms: Mapping[str, pd.DataFrame], tests: Mapping[str, pd.DataFram
     after a kill trains only what is missing and never reuses scores of other data.
     """
     out_dir = Path(out_dir) / model_name
-    stamp = {"tests": {name: _digest(df) for name, df in tests.items()}}
+    stamp = {"tests": {name: digest(df) for name, df in tests.items()}}
     jobs = [(arm, seed) for arm in arms for seed in seeds]
     frames = []
     for arm, seed in tqdm(jobs, desc=f"{model_name}: arms x seeds", disable=not progress):
         path = out_dir / arm.replace(" ", "") / f"seed{seed}.csv"
-        job_stamp = stamp | {"train": _digest(arms[arm]), "seed": int(seed)}
+        job_stamp = stamp | {"train": digest(arms[arm]), "seed": int(seed)}
         stamp_path = path.with_suffix(".json")
         if path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == job_stamp:
             frames.append(pd.read_csv(path))
@@ -182,7 +185,7 @@ def ensemble_table(scores: pd.DataFrame, reference: str = REAL, n_boot: int = 10
         for arm, g in t.groupby("arm", sort=False):
             g = g.sort_values("row")
             y, s = g["y"].to_numpy(), g["score"].to_numpy()
-            auc, lo, hi = bootstrap_ci(roc_auc_score, y, s, n_boot=n_boot, stratify=y)
+            auc, lo, hi = auc_ci(y, s, n_boot=n_boot)
             row = {"test": test, "arm": arm, "n": len(y), "n_malignant": int(y.sum()), "auc": auc, "ci_lo": lo, "ci_hi": hi}
             if arm != reference and len(ref):
                 row[f"delong_p_vs_{reference}"] = delong_test(y, s, ref["score"].to_numpy())[3]
@@ -203,5 +206,20 @@ def drop_figure(per_seed: Mapping[str, pd.DataFrame]) -> plt.Figure:
         ax.set(xticks=[0, 1], xticklabels=["internal", f"external\n({held})"], xlim=(-0.3, 1.3),
                title=f"{held} held out", ylabel="AUC")
     axes[0, -1].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(scores: pd.DataFrame, paper: Mapping[str, float] | None = None) -> plt.Figure:
+    """ROC curve of each arm's seed ensemble, its AUC with bootstrap 95% CI and, where given, the paper's AUC."""
+    fig, ax = plt.subplots(figsize=(3.2, 3.0))
+    for arm, g in ensemble_scores(scores).groupby("arm", sort=False):
+        fpr, tpr, _ = roc_curve(g["y"], g["score"])
+        auc, lo, hi = auc_ci(g["y"].to_numpy(), g["score"].to_numpy())
+        note = f"; paper {paper[arm]:.3f}" if paper and arm in paper else ""
+        ax.plot(fpr, tpr, label=f"{arm}: {auc:.3f} ({lo:.3f}–{hi:.3f}){note}")
+    ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=0.8, ls="--")
+    ax.set(xlabel="1 − specificity", ylabel="sensitivity", aspect="equal")
+    ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     return fig
