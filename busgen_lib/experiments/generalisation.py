@@ -188,7 +188,7 @@ def ensemble_table(scores: pd.DataFrame, reference: str = REAL, n_boot: int = 10
             auc, lo, hi = auc_ci(y, s, n_boot=n_boot)
             row = {"test": test, "arm": arm, "n": len(y), "n_malignant": int(y.sum()), "auc": auc, "ci_lo": lo, "ci_hi": hi}
             if arm != reference and len(ref):
-                row[f"delong_p_vs_{reference}"] = delong_test(y, s, ref["score"].to_numpy())[3]
+                row[f"delong_p_vs_{reference}"] = delong_test(y, s, ref["score"].to_numpy(), degenerate="permutation")[3]
             rows.append(row)
     return pd.DataFrame(rows)
 
