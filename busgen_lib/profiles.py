@@ -73,8 +73,9 @@ class DetectorSettings:
 
 
 DETECTOR_SETTINGS: dict[str, DetectorSettings] = {
-    # timm's test_resnet (0.4M parameters): the whole train/predict path in seconds.
-    "smoke": DetectorSettings("test_resnet", feature_index=2, image_size=64, epochs=2, batch_size=8, lr=2e-3,
+    # timm's test_resnet (0.4M parameters) to its stride-4 stage: the whole train/predict path in seconds.
+    # (On 32 px squares a stride-8 map reached AP50 0.14 where stride 4 reached 0.65 in the same 72 steps.)
+    "smoke": DetectorSettings("test_resnet", feature_index=1, image_size=64, epochs=2, batch_size=8, lr=2e-3,
                               head_dim=64, roi_samples=64),
     # ResNet-18 to its stride-8 stage (layer2, 128 channels) at the demo's 64 px: an 8 x 8 feature map.
     "demo": DetectorSettings("resnet18", feature_index=2, image_size=64, epochs=12, batch_size=8, lr=1e-3),

@@ -216,7 +216,7 @@ def squares(folder, n, seed):
     return df
 
 
-TINY = dict(image_size=SIZE, epochs=6, batch_size=8, lr=3e-3)
+TINY = dict(image_size=SIZE, feature_index=1, epochs=20, batch_size=8, lr=3e-3)  # stride 4: an 8 x 8 map
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def trained(tmp_path_factory):
 def test_detector_finds_bright_squares(trained):
     detector, test = trained
     result = evaluate_detection(detector, test, small_threshold=0.1, n_boot=10)
-    assert result["ap50"] >= 0.9  # an untrained or misaligned detector (boxes off by a square) scores ~0
+    assert result["ap50"] >= 0.85  # measured 0.96; 6 epochs (undertrained) give 0.14, a misaligned detector ~0
 
 
 def test_save_load_round_trip_predicts_the_same(trained, tmp_path):
