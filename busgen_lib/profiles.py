@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from busgen_lib.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -90,5 +92,5 @@ def detector_settings(profile: str, **overrides) -> DetectorSettings:
     try:
         settings = DETECTOR_SETTINGS[profile]
     except KeyError:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(DETECTOR_SETTINGS)}") from None
+        raise UsageError(f"unknown profile {profile!r}; choose one of {', '.join(DETECTOR_SETTINGS)}") from None
     return replace(settings, **overrides) if overrides else settings
