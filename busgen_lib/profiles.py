@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from busgen_lib.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -50,3 +52,48 @@ def get_profile(name: str, **overrides) -> Profile:
     except KeyError:
         raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}") from None
     return replace(profile, **overrides) if overrides else profile
+
+
+# --------------------------------------------------------------------------- detector (Fig 3a–c, §4.4.1)
+# The lesion detector's numbers, kept apart from `Profile` so that each downstream model has its own block.
+# Anchors are fractions of the input side, so they follow `image_size`: lesion boxes in the phantom span
+# ~0.07–0.48 of the side (median 0.18) and real BUS lesions up to ~0.8, so four sizes a factor 2 apart
+# (0.08–0.64) put every lesion within √2 of an anchor side (IoU ≥ 0.5 for a centred square); aspect ratios
+# (height/width) 0.5–2 cover parallel (wider-than-tall) and non-parallel (taller-than-wide) lesions.
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    backbone: str            # timm model name, created with features_only=True, in_chans=1, pretrained=False
+    feature_index: int       # which of its feature maps feeds the RPN (out_indices): stride 8 for convnets
+    image_size: int          # input side (px, square)
+    epochs: int
+    batch_size: int
+    lr: float                # AdamW, cosine-annealed to 0 over the run
+    weight_decay: float = 1e-4
+    anchor_fractions: tuple[float, ...] = (0.08, 0.16, 0.32, 0.64)  # anchor side / image side
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)               # anchor height / width
+    head_dim: int = 256      # width of the two-layer box head (torchvision's default 1024 is for COCO's 80 classes)
+    roi_samples: int = 128   # proposals sampled per image for the box head (torchvision's default 512)
+    scale_jitter: tuple[float, float] = (0.9, 1.1)  # training zoom range (RandomAffine), lesions stay whole-ish
+
+
+DETECTOR_SETTINGS: dict[str, DetectorSettings] = {
+    # timm's test_resnet (0.4M parameters) to its stride-4 stage: the whole train/predict path in seconds.
+    # (On 32 px squares a stride-8 map reached AP50 0.14 where stride 4 reached 0.65 in the same 72 steps.)
+    "smoke": DetectorSettings("test_resnet", feature_index=1, image_size=64, epochs=2, batch_size=8, lr=2e-3,
+                              head_dim=64, roi_samples=64),
+    # ResNet-18 to its stride-8 stage (layer2, 128 channels) at the demo's 64 px: an 8 x 8 feature map.
+    "demo": DetectorSettings("resnet18", feature_index=2, image_size=64, epochs=12, batch_size=8, lr=1e-3),
+    # The paper's detector used a ViT-L backbone (Mask R-CNN, §4.4.1); its stride-16 token grid at 224 px.
+    "paper": DetectorSettings("vit_large_patch16_224", feature_index=-1, image_size=224, epochs=50, batch_size=16,
+                              lr=1e-4, weight_decay=0.05, head_dim=1024, roi_samples=512),
+}
+
+
+def detector_settings(profile: str, **overrides) -> DetectorSettings:
+    """The detector's settings under `profile`, optionally overriding fields."""
+    try:
+        settings = DETECTOR_SETTINGS[profile]
+    except KeyError:
+        raise UsageError(f"unknown profile {profile!r}; choose one of {', '.join(DETECTOR_SETTINGS)}") from None
+    return replace(settings, **overrides) if overrides else settings
