@@ -6,7 +6,7 @@ sizes here, so that `PROFILE=paper make figures` scales the whole study.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -47,3 +47,55 @@ def get_profile(name: str, **overrides) -> Profile:
     except KeyError:
         raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}") from None
     return replace(profile, **overrides) if overrides else profile
+
+
+# --------------------------------------------------------------------------- downstream models (§4.4)
+# BUS-DM and Baseline-CLIP read their numbers here (busgen_lib/downstream/). One block, one dataclass,
+# so the classifier, the CLIP baseline and the cross-validation grid change together per profile.
+
+@dataclass(frozen=True)
+class DownstreamProfile:
+    backbone: str                           # timm model name (BUS-DM and Baseline-CLIP's image tower alike)
+    input_size: int                         # images are resized to input_size x input_size grayscale
+    backbone_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (img_size, patch_size...)
+    epochs: int = 10                        # training epochs of the default recipe (before cross-validation)
+    batch_size: int = 32
+    lr: float = 1e-3                        # AdamW learning rate of the default recipe
+    weight_decay: float = 0.05
+    lr_grid: tuple[float, ...] = (1e-3,)    # cross-validation grid: learning rates x epochs
+    epochs_grid: tuple[int, ...] = (10,)
+    cv_folds: int = 5                       # §4.4: "5-fold cross-validation on downstream training sets"
+    repeats: int = 5                        # §4.4: "repeated each experiment 5 times"
+    clip_embed_dim: int = 64                # joint image-text embedding width
+    clip_text_width: int = 64               # text transformer width, layers, heads, context (tokens)
+    clip_text_layers: int = 2
+    clip_text_heads: int = 2
+    clip_context_length: int = 64
+    clip_epochs: int = 10                   # contrastive (image-report) pretraining epochs
+    clip_lr: float = 1e-3
+
+
+DOWNSTREAM: dict[str, DownstreamProfile] = {
+    # The tiniest ViT that runs: one block of width 32 on 32 px, 8 px patches; seconds per fit.
+    "smoke": DownstreamProfile("vit_tiny_patch16_224", input_size=32,
+                               backbone_kwargs=dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2),
+                               epochs=2, batch_size=16, lr_grid=(1e-3,), epochs_grid=(2,), cv_folds=2, repeats=2,
+                               clip_embed_dim=16, clip_text_width=16, clip_text_layers=1, clip_text_heads=1,
+                               clip_context_length=40, clip_epochs=1),
+    # DEMO_CHOICE (filled in from the measurements below)
+    "demo": DownstreamProfile("resnet18", input_size=64, epochs=10, batch_size=32,
+                              lr_grid=(3e-4, 1e-3), epochs_grid=(5, 10)),
+    # The paper's encoder: ViT-L/16 at 224 px (§2, "all baseline models shared the same vision encoder (ViT-L)").
+    "paper": DownstreamProfile("vit_large_patch16_224", input_size=224, backbone_kwargs=dict(img_size=224),
+                               epochs=30, batch_size=64, lr=1e-4, weight_decay=0.05, lr_grid=(3e-5, 1e-4, 3e-4),
+                               epochs_grid=(10, 30), clip_embed_dim=768, clip_text_width=512, clip_text_layers=12,
+                               clip_text_heads=8, clip_context_length=77, clip_epochs=10, clip_lr=1e-4),
+}
+
+
+def get_downstream(profile: str) -> DownstreamProfile:
+    """The downstream-model settings of a profile (smoke / demo / paper)."""
+    try:
+        return DOWNSTREAM[profile]
+    except KeyError:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(DOWNSTREAM)}") from None
