@@ -43,6 +43,7 @@ def read_manifests(paths: list[str], split: str) -> pd.DataFrame:
         raise DataError(f"{', '.join(paths)}: no rows in split {split!r}; pick another with --split "
                         f"(or --split {ALL_SPLITS})")
     rows.attrs["root"] = str(Path(paths[0]).resolve().parent)
+    rows.attrs["source"] = ", ".join(paths)  # named by Task.select's errors
     return rows
 
 
@@ -108,7 +109,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from busgen_lib.evaluate.stats import delong_ci
 
     model = DiagnosticModel.load(folder)
-    rows, y = model.task.select(test_df, source=args.manifest)
+    rows, y = model.task.select(test_df)
     score = model.predict_proba(rows)
     scores = pd.DataFrame({"image": rows["image"].to_numpy(), "patient_id": rows["patient_id"].to_numpy(),
                            "label": y, "score": score})

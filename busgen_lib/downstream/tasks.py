@@ -55,12 +55,14 @@ class Task:
             return BENIGN_MALIGNANT
         return f"{self.column}:{self.negative},{self.positive}"
 
-    def select(self, df: pd.DataFrame, source: str = "manifest") -> tuple[pd.DataFrame, np.ndarray]:
+    def select(self, df: pd.DataFrame, source: str | None = None) -> tuple[pd.DataFrame, np.ndarray]:
         """(rows, y): the rows labelled negative or positive, and y in {0, 1}.
 
-        `source` names the manifest in errors. A missing column, or a class with
-        no row, is a DataError: a model cannot be trained or scored on it.
+        `source` names the manifest in errors (default: `df.attrs["source"]`). A
+        missing column, or a class with no row, is a DataError: a model cannot be
+        trained or scored on it.
         """
+        source = source or df.attrs.get("source", "manifest")
         if self.is_detection:
             raise UsageError("the detection task has no class labels; use busgen_lib.downstream.detector")
         if self.column not in df.columns:

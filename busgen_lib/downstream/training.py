@@ -184,7 +184,7 @@ def repeat_training(trainer: Trainer, train_df: pd.DataFrame, test_df: pd.DataFr
                     lr: float, epochs: int, repeats: int | None = None, first_seed: int = 0) -> RepeatResult:
     """Train the final recipe with `repeats` seeds (profile default) and score each on the test rows."""
     repeats = repeats or get_downstream(profile).repeats
-    test_rows, y = task.select(test_df, source="test manifest")
+    test_rows, y = task.select(test_df)
     models, records = [], []
     for seed in range(first_seed, first_seed + repeats):
         model = trainer(train_df, task, profile, seed=seed, lr=lr, epochs=epochs)
