@@ -40,6 +40,7 @@ def test_report_omits_missing_attributes_and_reads_breast_lesions_usg_names():
     assert compose_report(row) == "Pathology: benign. BI-RADS: 3. Shape: oval. Echo pattern: hypoechoic."
     assert compose_report(pd.Series({"pathology": "normal", "birads": "", "posterior": "none"})) == \
         "Pathology: normal."
+    assert compose_report(pd.Series({"pathology": "benign", "posterior_features": "no"})) == "Pathology: benign."
 
 
 # --------------------------------------------------------------------------- the model and its weights

@@ -115,3 +115,13 @@ def test_detection_dispatches_to_the_detector_module(manifest, tmp_path, monkeyp
     boxes = pd.read_csv(tmp_path / "boxes.csv")
     assert len(boxes) == 16 and json.loads(boxes["boxes"][0]) == [[0.1, 0.1, 0.5, 0.5]]
     assert "ap50 0.500, ap50_small 0.250" in capsys.readouterr().out
+
+
+def test_train_with_cv_records_the_chosen_setting(manifest, tmp_path):
+    out = tmp_path / "cv_model"
+    assert main(["downstream", "train", "--task", "benign-malignant", "--manifest", str(manifest), "--out", str(out),
+                 "--profile", "smoke", "--cv"]) == 0
+    table = pd.read_csv(out / "cv.csv")
+    assert table["fold"].tolist() == [0, 1]  # smoke: 2 folds x a 1 x 1 grid
+    record = json.loads((out / "model.json").read_text())
+    assert (record["lr"], record["epochs"]) == (table["lr"][0], table["epochs"][0])

@@ -40,7 +40,7 @@ REPORT_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Echo pattern", ("echo_pattern", "echogenicity")),
     ("Posterior features", ("posterior", "posterior_features")),
 )
-_NOT_GIVEN = {"", "nan", "none", "not applicable", "not available"}
+_NOT_GIVEN = {"", "nan", "none", "no", "not applicable", "not available"}
 
 
 # --------------------------------------------------------------------------- reports
@@ -56,8 +56,9 @@ def compose_report(row: pd.Series) -> str:
     """A one-line report of an image's labelled attributes, e.g. "Pathology: benign. BI-RADS: 3. Shape: oval."
 
     Fields the manifest lacks or leaves blank ("", "not applicable", "not
-    available") are omitted. "none" is omitted too: the phantom writes it for
-    absent posterior features, which a report does not mention.
+    available") are omitted. "none" and "no" are omitted too: the phantom and
+    BrEaST-Lesions-USG write them for absent posterior features, which a report
+    does not mention.
     """
     parts = [f"{label}: {value}." for label, columns in REPORT_FIELDS if (value := _value(row, columns))]
     return " ".join(parts)
