@@ -96,12 +96,17 @@ def test_detection_dispatches_to_the_detector_module(manifest, tmp_path, monkeyp
         def predict(self, df):
             return [{"boxes": [[0.1, 0.1, 0.5, 0.5]], "scores": [0.9]} for _ in range(len(df))]
 
-    fake = types.SimpleNamespace(
-        Detector=Detector,
-        train_detector=lambda df, profile, seed=0, progress=True: calls.setdefault("train", (len(df), profile)) and Detector(),
-        small_area_threshold=lambda df, quantile=0.3: 0.05,
-        evaluate_detection=lambda det, df, small_threshold: calls.setdefault("eval", small_threshold) and
-        {"ap50": 0.5, "ap50_small": 0.25})
+    def train_detector(df, profile, seed=0, progress=True):
+        calls["train"] = (len(df), profile)
+        return Detector()
+
+    def evaluate_detection(detector, df, small_threshold):
+        calls["eval"] = small_threshold
+        return {"ap50": 0.5, "ap50_small": 0.25}
+
+    fake = types.SimpleNamespace(Detector=Detector, train_detector=train_detector,
+                                 evaluate_detection=evaluate_detection,
+                                 small_area_threshold=lambda df, quantile=0.3: 0.05)
     monkeypatch.setitem(sys.modules, "busgen_lib.downstream.detector", fake)
     import busgen_lib.downstream as package
     monkeypatch.setattr(package, "detector", fake, raising=False)

@@ -159,7 +159,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     p = sub.add_parser("train", help="train a model for a task on one or more manifests")
     p.add_argument("--task", required=True,
-                   help="benign-malignant | detection | <column>:<negative>,<positive> (e.g. subtype:fibroadenoma,dcis)")
+                   help="benign-malignant | detection | <column>:<negative>,<positive> "
+                        "(e.g. subtype:fibroadenoma,dcis)")
     p.add_argument("--manifest", action="append", required=True, help="training manifest (repeat to pool several)")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--profile", default="demo", help="smoke | demo | paper (backbone, input size, recipe)")

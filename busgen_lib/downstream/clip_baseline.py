@@ -1,4 +1,4 @@
-"""Baseline-CLIP: the paper's comparator, an image–text model trained on real reports, then fine-tuned (§2, Suppl. §4).
+"""Baseline-CLIP: the paper's comparator, an image–text model trained on real reports, then fine-tuned (§2).
 
 The paper starts from PMC-CLIP weights, continues contrastive training on the
 image–report pairs of BUS-3.5M, and fine-tunes on each real downstream set,
@@ -98,10 +98,10 @@ def load_clip_weights(path: str | Path, profile: str | open_clip.CLIP = "demo") 
     try:
         load_checkpoint(model, str(path), strict=True)
     except Exception as error:  # torch raises RuntimeError/KeyError/UnpicklingError...: all mean "not these weights"
-        detail = str(error).strip().splitlines()
-        raise DataError(f"{path}: not open_clip weights of this CLIP (image tower {model.visual.trunk.__class__.__name__}"
-                        f", embed dim {model.text_projection.shape[1]}): "
-                        f"{' '.join(detail[:3])[:400] or type(error).__name__}") from None
+        detail = " ".join(str(error).strip().splitlines()[:3])[:400] or type(error).__name__
+        tower = model.visual.trunk.__class__.__name__
+        raise DataError(f"{path}: not open_clip weights of this CLIP (image tower {tower}, embed dim "
+                        f"{model.text_projection.shape[1]}): {detail}") from None
     return model
 
 
