@@ -6,7 +6,7 @@ sizes here, so that `PROFILE=paper make figures` scales the whole study.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from busgen_lib.errors import UsageError
 
@@ -50,8 +50,65 @@ def get_profile(name: str, **overrides) -> Profile:
     try:
         profile = PROFILES[name]
     except KeyError:
-        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}") from None
+        raise UsageError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}") from None
     return replace(profile, **overrides) if overrides else profile
+
+
+# --------------------------------------------------------------------------- downstream models (§4.4)
+# BUS-DM and Baseline-CLIP read their numbers here (busgen_lib/downstream/). One block, one dataclass,
+# so the classifier, the CLIP baseline and the cross-validation grid change together per profile.
+
+@dataclass(frozen=True)
+class DownstreamProfile:
+    backbone: str                           # timm model name (BUS-DM and Baseline-CLIP's image tower alike)
+    input_size: int                         # images are resized to input_size x input_size grayscale
+    backbone_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (img_size, patch_size...)
+    epochs: int = 10                        # training epochs of the default recipe (before cross-validation)
+    batch_size: int = 32
+    lr: float = 1e-3                        # AdamW learning rate of the default recipe
+    weight_decay: float = 0.05
+    lr_grid: tuple[float, ...] = (1e-3,)    # cross-validation grid: learning rates x epochs
+    epochs_grid: tuple[int, ...] = (10,)
+    cv_folds: int = 5                       # §4.4: "5-fold cross-validation on downstream training sets"
+    repeats: int = 5                        # §4.4: "repeated each experiment 5 times"
+    clip_embed_dim: int = 64                # joint image-text embedding width
+    clip_text_width: int = 64               # text transformer width, layers, heads, context (tokens)
+    clip_text_layers: int = 2
+    clip_text_heads: int = 2
+    clip_context_length: int = 64
+    clip_epochs: int = 10                   # contrastive (image-report) pretraining epochs
+    clip_lr: float = 1e-3
+
+
+DOWNSTREAM: dict[str, DownstreamProfile] = {
+    # The tiniest ViT that runs: one block of width 32 on 32 px, 8 px patches; seconds per fit.
+    "smoke": DownstreamProfile("vit_tiny_patch16_224", input_size=32,
+                               backbone_kwargs=dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2),
+                               epochs=2, batch_size=16, lr_grid=(1e-3,), epochs_grid=(2,), cv_folds=2, repeats=2,
+                               clip_embed_dim=16, clip_text_width=16, clip_text_layers=1, clip_text_heads=1,
+                               clip_context_length=40, clip_epochs=1),
+    # 3 repeats, not the paper's 5, under demo: the CPU budget of notebooks 05 and 07 (StudySettings).
+    # A ViT like the paper's, sized for a CPU: vit_tiny (5.4M params) on 64 px with 8 px patches (64 tokens).
+    # Measured on the smoke phantom's benign vs malignant at 64 px (326 train / 135 test images, seed 0,
+    # AdamW 1e-3, 8 epochs, ONE thread, CPU seconds of training): vit_tiny/8 AUC 0.728 in 121 s;
+    # resnet18 0.576 in 47 s; regnetx_002 0.569 in 24 s. At the ViT's budget the convnets stay behind:
+    # resnet18 20 epochs 0.640 in 117 s, regnetx_002 40 epochs 0.591 in 92 s (one seed each, n_test 135).
+    "demo": DownstreamProfile("vit_tiny_patch16_224", input_size=64, backbone_kwargs=dict(img_size=64, patch_size=8),
+                              epochs=10, batch_size=32, lr_grid=(3e-4, 1e-3), epochs_grid=(10,), repeats=3),
+    # The paper's encoder: ViT-L/16 at 224 px (§2, "all baseline models shared the same vision encoder (ViT-L)").
+    "paper": DownstreamProfile("vit_large_patch16_224", input_size=224, backbone_kwargs=dict(img_size=224),
+                               epochs=30, batch_size=64, lr=1e-4, weight_decay=0.05, lr_grid=(3e-5, 1e-4, 3e-4),
+                               epochs_grid=(10, 30), clip_embed_dim=768, clip_text_width=512, clip_text_layers=12,
+                               clip_text_heads=8, clip_context_length=77, clip_epochs=10, clip_lr=1e-4),
+}
+
+
+def get_downstream(profile: str) -> DownstreamProfile:
+    """The downstream-model settings of a profile (smoke / demo / paper)."""
+    try:
+        return DOWNSTREAM[profile]
+    except KeyError:
+        raise UsageError(f"unknown profile {profile!r}; choose one of {', '.join(DOWNSTREAM)}") from None
 
 
 # --------------------------------------------------------------------------- detector (Fig 3a–c, §4.4.1)
@@ -97,3 +154,37 @@ def detector_settings(profile: str, **overrides) -> DetectorSettings:
     except KeyError:
         raise UsageError(f"unknown profile {profile!r}; choose one of {', '.join(DETECTOR_SETTINGS)}") from None
     return replace(settings, **overrides) if overrides else settings
+
+
+# --------------------------------------------------------------------------- studies (notebooks 05, 07)
+# Sizes of the downstream experiments (seeds per arm: DownstreamProfile.repeats).
+
+@dataclass(frozen=True)
+class StudySettings:
+    held_out: tuple[str, ...]       # real sets held out in turn (leave-one-dataset-out, notebook 07)
+    lodo_generated: int             # generated benign/malignant images per held-out fold
+    phantom_generated: int          # generated benign/malignant images from the phantom BUSGen (05, 07)
+    scaling_sizes: tuple[int, ...]  # training-set sizes of the data-scaling curves (Fig 4e)
+    detector_repeats: int           # seeds per detector arm (Fig 3b-c): detectors cost the most
+    shortcut_strength: float = 0.8  # phi between pathology and device group in the biased training set
+
+
+STUDY: dict[str, StudySettings] = {
+    "smoke": StudySettings(held_out=("busi",), lodo_generated=32, phantom_generated=48,
+                           scaling_sizes=(8, 16, 32), detector_repeats=1),
+    # demo: one held-out set (BUSI, the paper's Fig 4e set): a BUS-DM fit of ~1,000 images costs ~2 CPU-minutes
+    # on the 2-core machine, and the study trains 3 arms x 3 seeds of BUS-DM plus Baseline-CLIP per fold.
+    "demo": StudySettings(held_out=("busi",), lodo_generated=600, phantom_generated=1000,
+                          scaling_sizes=(50, 100, 200, 400, 800), detector_repeats=2),
+    "paper": StudySettings(held_out=("busi", "bus_uclm", "breast_lesions_usg"), lodo_generated=20_000,
+                           phantom_generated=100_000, scaling_sizes=(1_000, 3_000, 10_000, 30_000, 100_000),
+                           detector_repeats=5),
+}
+
+
+def get_study(profile: str) -> StudySettings:
+    """The downstream studies' sizes under `profile`."""
+    try:
+        return STUDY[profile]
+    except KeyError:
+        raise UsageError(f"unknown profile {profile!r}; choose one of {', '.join(STUDY)}") from None

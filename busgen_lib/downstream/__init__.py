@@ -1,1 +1,1 @@
-"""Downstream diagnostic models trained on real and generated data (BUS-DM, §4.4)."""
+"""Downstream models of §4.4: BUS-DM classifiers, Baseline-CLIP, the detector, and their CLI."""
