@@ -53,7 +53,14 @@ def absolute(df: pd.DataFrame) -> pd.DataFrame:
     for column in ("image", "mask"):
         if column in out:
             out[column] = ["" if not str(v) else str(resolve(df, column, i)) for i, v in enumerate(df[column])]
-    out.attrs = {k: v for k, v in df.attrs.items() if k != "root"}
+    out.attrs = dict(df.attrs) | {"root": "/"}  # paths are absolute: any root resolves them
+    return out
+
+
+def combine(*frames: pd.DataFrame) -> pd.DataFrame:
+    """Rows of several `absolute` tables as one training set (pandas drops differing attrs on concat)."""
+    out = pd.concat(frames, ignore_index=True)
+    out.attrs = {"root": "/"}
     return out
 
 
@@ -81,7 +88,7 @@ def design(pool: str | Path, held_out_manifest: str | Path, generated: str | Pat
     if generated is not None:
         gen = task_rows(absolute(read_manifest(generated)))
         arms[GENERATED] = gen
-        arms[BOTH] = pd.concat([real, gen], ignore_index=True)
+        arms[BOTH] = combine(real, gen)
     tests = {"internal": task_rows(real_df[real_df["split"].astype(str) == "test"]),
              "external": task_rows(absolute(read_manifest(held_out_manifest)))}
     return arms, tests
