@@ -20,6 +20,7 @@ import pandas as pd
 from busgen_lib.data.manifest import read_manifest, resolve
 from busgen_lib.downstream.tasks import Task
 from busgen_lib.errors import DataError
+from busgen_lib.profiles import PROFILES
 
 DETECTION_RECORD = "detection.json"  # beside the detector's own files: task, AP_small threshold, manifests
 ALL_SPLITS = "all"
@@ -163,9 +164,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "(e.g. subtype:fibroadenoma,dcis)")
     p.add_argument("--manifest", action="append", required=True, help="training manifest (repeat to pool several)")
     p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--profile", default="demo", help="smoke | demo | paper (backbone, input size, recipe)")
-    p.add_argument("--model", choices=("bus-dm", "baseline-clip"), default="bus-dm")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default="demo", choices=list(PROFILES), help="run profile: backbone, input size, recipe")
+    p.add_argument("--model", choices=("bus-dm", "baseline-clip"), default="bus-dm",
+                   help="BUS-DM (a classifier trained from scratch) or Baseline-CLIP (report-contrastive, then fine-tuned)")
+    p.add_argument("--seed", type=int, default=0, help="weights, batches and augmentation follow it")
     p.add_argument("--split", default="train", help=f"manifest split(s) to train on, comma-separated, or {ALL_SPLITS}")
     p.add_argument("--cv", action="store_true", help="choose lr and epochs by 5-fold patient-grouped CV first (§4.4)")
     p.add_argument("--clip-weights", help="baseline-clip: your own open_clip weights to start from")
