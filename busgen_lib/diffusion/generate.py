@@ -258,15 +258,16 @@ def merge_shards(out_dir: str | Path) -> Path:
 def _check_complete(index: pd.Series, n: int, out_dir: Path) -> None:
     duplicated = sorted(set(index[index.duplicated()]))
     if duplicated:
-        raise ValueError(f"{out_dir / SHARD_DIR}: indices listed more than once: {duplicated[:10]}; "
-                         "shard parts from different runs were mixed — use a fresh out_dir")
+        raise DataError(f"{out_dir / SHARD_DIR}: indices listed more than once: {duplicated[:10]}; "
+                        "shard parts from different runs were mixed — use a fresh --out")
     missing = sorted(set(range(n)) - set(index))
     if missing:
-        raise ValueError(f"{out_dir}: {len(missing)} of {n} requests are not generated yet (first: {missing[:10]}); "
-                         "run generate again with the same plan and shards to finish them")
+        raise DataError(f"{out_dir}: {len(missing)} of {n} requests are not generated yet (first: {missing[:10]}); "
+                        "rerun the same sample command (same processes) to finish them")
     extra = sorted(set(index) - set(range(n)))
     if extra:
-        raise ValueError(f"{out_dir / SHARD_DIR}: indices {extra[:10]} are outside the stored plan of {n} requests")
+        raise DataError(f"{out_dir / SHARD_DIR}: indices {extra[:10]} are outside the stored plan of {n} requests; "
+                        "shard parts from another run were copied in — use a fresh --out")
 
 
 # --------------------------------------------------------------------------- accelerate

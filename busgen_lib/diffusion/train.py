@@ -298,7 +298,8 @@ def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: boo
     torch.manual_seed(config.seed)  # identical initial weights on every process
     model = BUSGenUNet(config_for_profile(profile, dataset.device_vocab, **(model_overrides or {})))
     check_run_settings(out, {"command": "pretrain", "profile": profile, "manifest": file_digest(manifest),
-                             **asdict(config), "model": model.config.to_dict()}, resume,
+                             **asdict(config),
+                             **{f"model.{k}": v for k, v in model.config.to_dict().items()}}, resume,
                        write=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     net = fit(model, dataset, config, out, accelerator, resume=resume, progress=progress)

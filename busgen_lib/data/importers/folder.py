@@ -68,7 +68,7 @@ def _read_labels(path: Path, column_map: Mapping[str, str]) -> pd.DataFrame:
     missing = [c for c in ("image", "pathology") if c not in table]
     if missing:
         raise ManifestError([Problem(str(path), None, c, f"column missing (found: {', '.join(table.columns)}); "
-                                     "rename yours with column_map={'your_name': '" + c + "'}") for c in missing])
+                                     f"name the CSV column holding it {c!r}") for c in missing])
     table = table.apply(lambda col: col.str.strip())
     for column in ("pathology", "birads", "split", BOXES_MISSING):
         if column in table:
