@@ -13,10 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
+from busgen_lib.data.schema import REQUIRED_COLUMNS
 from manifest_fixtures import clean_manifest, noise, write_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,8 +108,10 @@ def _normal_only_manifest(root: Path) -> Path:
     rows = []
     for i in range(4):
         write_png(root / "images" / f"n{i}.png", noise(i, 32, 32))
-        rows.append({"image": f"images/n{i}.png", "patient_id": f"P{i}", "split": "train", "pathology": "normal",
-                     "boxes": "[]", "birads": "", "device": "dev1"})
+        row = dict.fromkeys(REQUIRED_COLUMNS, "")
+        row.update(image=f"images/n{i}.png", patient_id=f"P{i}", split="train", pathology="normal", boxes="[]",
+                   device="dev1")
+        rows.append(row)
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     return root / "manifest.csv"
 
@@ -153,7 +155,8 @@ def test_import_folder_refuses_a_mistyped_relative_box_naming_its_row(tmp_path):
     for name in ("a", "b", "c"):
         write_png(tmp_path / "imgs" / f"{name}.png", noise(ord(name), 30, 40))
     labels = tmp_path / "labels.csv"
-    pd.DataFrame({"image": ["a.png", "b.png", "c.png"], "pathology": ["benign", "benign", "malignant"],
+    pd.DataFrame({"image": ["a.png", "b.png", "c.png"], "patient_id": ["P1", "P2", "P3"],
+                  "pathology": ["benign", "benign", "malignant"],
                   "boxes": ["[[0.1, 0.1, 0.5, 0.5]]", "[[0.2, 0.1, 1.02, 0.5]]", "[[0.3, 0.3, 0.6, 0.6]]"]}
                  ).to_csv(labels, index=False)
     one_line(run_cli("import", "folder", tmp_path / "imgs", "--labels", labels, "--out", tmp_path / "out"), 1,

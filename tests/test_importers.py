@@ -145,7 +145,8 @@ def test_folder_names_the_csv_row_and_column_of_each_bad_row(tmp_path):
 
 def test_folder_says_which_columns_to_map(tmp_path):
     images, labels = _folder(tmp_path, "")
-    with pytest.raises(ManifestError, match="column_map"):
+    # The advice is the CLI user's (rename the CSV column); `column_map` does the same from Python.
+    with pytest.raises(ManifestError, match="name the CSV column holding it 'image'"):
         import_folder(images, labels, tmp_path / "out")
 
 

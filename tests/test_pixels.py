@@ -10,6 +10,7 @@ from PIL import Image
 
 from busgen_lib.data.dataset import load_grayscale
 from busgen_lib.data.manifest import validate_manifest
+from busgen_lib.data.schema import REQUIRED_COLUMNS
 from busgen_lib.errors import DataError
 
 GRADIENT = np.linspace(0.0, 1.0, 12, dtype=np.float64).reshape(3, 4)  # the intensities every file stores
@@ -17,8 +18,9 @@ GRADIENT = np.linspace(0.0, 1.0, 12, dtype=np.float64).reshape(3, 4)  # the inte
 
 def _one_row_manifest(tmp_path, image_name):
     path = tmp_path / "manifest.csv"
-    pd.DataFrame([{"image": image_name, "patient_id": "P1", "split": "train", "pathology": "normal", "boxes": "[]",
-                   "birads": "", "device": ""}]).to_csv(path, index=False)
+    row = dict.fromkeys(REQUIRED_COLUMNS, "")
+    row.update(image=image_name, patient_id="P1", split="train", pathology="normal", boxes="[]")
+    pd.DataFrame([row]).to_csv(path, index=False)
     return path
 
 

@@ -26,7 +26,7 @@ from busgen_lib.diffusion.model import SAMPLING_DEFAULTS, BUSGenUNet
 from busgen_lib.diffusion.plan import Request, balanced_plan, explicit_plan
 from busgen_lib.diffusion.sample import SAMPLERS, CondFn, sample
 from busgen_lib.diffusion.train import BOX_PRIOR_FILE
-from busgen_lib.errors import UsageError
+from busgen_lib.errors import DataError, UsageError
 
 
 def requests_to_cond(requests: Sequence[Request], model: BUSGenUNet, device: torch.device | str = "cpu"
@@ -108,6 +108,11 @@ def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str 
                                  known_devices=(*known, ""))
     else:
         requests = explicit_plan(plan, devices=(*known, ""), seed=seed, box_prior=prior)
+        crowded = [r for r in requests if len(r.boxes) > model.config.max_boxes]
+        if crowded:
+            raise DataError(f"{plan}: row {crowded[0].index + 1}, boxes: {len(crowded[0].boxes)} boxes, but the model "
+                            f"takes at most {model.config.max_boxes} per image ({len(crowded)} such row(s)); "
+                            "keep the largest ones")
     settings = {"model": file_fingerprint(model_dir / WEIGHTS_FILE),
                 "adapter": None if adapter is None else file_fingerprint(Path(adapter) / ADAPTER_WEIGHTS_FILE),
                 **sampling, "seed": seed, "cond_fn": _describe(cond_fn)}

@@ -47,13 +47,14 @@ def import_folder(images_dir: str | Path, labels_csv: str | Path, out: str | Pat
     the CSV row (1-based below the header) and column.
     """
     images_dir, labels_csv, out = Path(images_dir).resolve(), Path(labels_csv), Path(out)  # cwd-independent paths
-    table = _fill_patients(_read_labels(labels_csv, column_map or {}))
+    table = _read_labels(labels_csv, column_map or {})
     boxes, problems = _source_boxes(table, labels_csv)
     problems += pathology_problems(table["pathology"], labels_csv, "pathology")
     problems += _missing_files(table, images_dir, labels_csv)
     if problems:
         raise ManifestError(problems)
     pixels = _boxes_are_pixels(boxes, boxes_unit, labels_csv)
+    table = _fill_patients(table)  # after the checks: its warning is for an import that goes ahead
     rows = [_row(record, row_boxes, images_dir, pixels) for record, row_boxes in zip(table.to_dict("records"), boxes)]
     problems = _box_problems(rows, labels_csv)
     if problems:
