@@ -95,11 +95,12 @@ def validate_plan(plan: Sequence[Request], devices: Sequence[str]) -> None:
 
 
 def _check_choices(name: str, chosen: Sequence[str], known: Sequence[str]) -> None:
+    shown = ", ".join(k if k else "'' (no device)" for k in known)  # the empty name is the null condition
     if not chosen:
-        raise UsageError(f"no {name} given; choose from {', '.join(known)}")
+        raise UsageError(f"no {name} given; choose from {shown}")
     unknown = [c for c in chosen if c not in known]
     if unknown:
-        raise UsageError(f"unknown {name} {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+        raise UsageError(f"unknown {name} {', '.join(map(repr, unknown))}; choose from {shown}")
 
 
 def _check_prior_covers(box_prior: BoxPrior | None, pathologies: Sequence[str], where: str) -> None:
