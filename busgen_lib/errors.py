@@ -13,6 +13,13 @@ class BusgenError(Exception):
 
     exit_code = 1
 
+    def one_line(self) -> str:
+        """The message as the CLI prints it: one line (multi-line details are for library callers)."""
+        lines = [line.strip() for line in str(self).splitlines() if line.strip()]
+        if len(lines) <= 1:
+            return lines[0] if lines else type(self).__name__
+        return f"{lines[0]} (and {len(lines) - 1} more line(s); run with --debug to see them all)"
+
 
 class UsageError(BusgenError, ValueError):
     """An option or combination of options that cannot work (exit status 2)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from busgen_lib.errors import UsageError
+
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 
 
@@ -28,15 +30,24 @@ def run_notebooks(profile: str, repo: Path = Path("."), only: list[str] | None =
 
     from busgen_lib.profiles import get_profile
 
-    get_profile(profile)  # fail early on a typo, before any notebook starts
+    try:
+        get_profile(profile)  # fail early on a typo, before any notebook starts
+    except ValueError as err:
+        raise UsageError(f"--profile: {err}") from None
     repo = Path(repo).resolve()
+    chosen = [nb for nb in numbered_notebooks(repo / "notebooks")
+              if not only or any(nb.name.startswith(o) for o in only)]
+    if not numbered_notebooks(repo / "notebooks"):
+        raise UsageError(f"{repo / 'notebooks'}: no numbered notebooks ({NOTEBOOK_GLOB}); point --repo at the "
+                         "busgen repository root")
+    if not chosen:
+        raise UsageError(f"--only {' '.join(only or [])} matches none of the notebooks in {repo / 'notebooks'}; "
+                         "give name prefixes such as 01")
     runs_dir, figures_dir = repo / "runs" / profile, repo / "figures" / profile
     runs_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    for nb in numbered_notebooks(repo / "notebooks"):
-        if only and not any(nb.name.startswith(o) for o in only):
-            continue
+    for nb in chosen:
         start = time.perf_counter()
         print(f"[{profile}] {nb.name} ...", flush=True)
         papermill.execute_notebook(

@@ -8,6 +8,7 @@ from PIL import Image
 from scipy.stats import chisquare
 
 from busgen_lib.data.dataset import BUSDataset, boxes_to_mask, class_balanced_sampler, derive_seed, load_grayscale
+from busgen_lib.errors import DataError
 
 S = 32
 
@@ -113,7 +114,8 @@ def test_an_explicit_device_vocab_sets_the_indices(df):
 
 
 def test_unknown_device_is_an_error_naming_row_and_vocab(df):
-    with pytest.raises(ValueError, match=r"row 2 .*'Siemens'.*\['GE', 'Philips'\]"):
+    # Row numbers are 1-based manifest rows, as `validate` counts: 'Siemens' is the third row.
+    with pytest.raises(DataError, match=r"row 3 .*'Siemens'.*GE, Philips"):
         BUSDataset(df, image_size=S, device_vocab=["GE", "Philips"])
 
 

@@ -13,6 +13,7 @@ from busgen_lib.data.importers import import_busbra, import_busi, import_folder,
 from busgen_lib.data.importers._common import subtype_code
 from busgen_lib.data.manifest import ManifestError, read_manifest, resolve, validate_manifest
 from busgen_lib.data.schema import parse_boxes
+from busgen_lib.errors import DataError
 from manifest_fixtures import SHARED_DATASETS, busbra_tree, busi_tree, noise, rect_mask, write_png
 
 
@@ -56,7 +57,7 @@ def test_busi_near_duplicates_share_a_patient_and_label_conflicts_are_dropped(tm
 
 
 def test_busi_rejects_a_folder_without_its_layout(tmp_path):
-    with pytest.raises(FileNotFoundError, match="benign"):
+    with pytest.raises(DataError, match="benign"):
         import_busi(tmp_path, tmp_path / "out")
 
 
@@ -144,7 +145,8 @@ def test_folder_names_the_csv_row_and_column_of_each_bad_row(tmp_path):
 
 def test_folder_says_which_columns_to_map(tmp_path):
     images, labels = _folder(tmp_path, "")
-    with pytest.raises(ManifestError, match="column_map"):
+    # The advice is the CLI user's (rename the CSV column); `column_map` does the same from Python.
+    with pytest.raises(ManifestError, match="name the CSV column holding it 'image'"):
         import_folder(images, labels, tmp_path / "out")
 
 

@@ -21,6 +21,7 @@ from busgen_lib.diffusion.privacy import (NoiseAwareClassifier, classifier_accur
                                           CPSampleGuidance, load_classifier, protect, random_labels, save_classifier,
                                           train_cpsample_classifier)
 from busgen_lib.diffusion.sample import sample
+from busgen_lib.errors import DataError, UsageError
 from busgen_lib.diffusion.schedule import ddpm_scheduler
 from busgen_lib.evaluate.memorisation import (ProbeFeatures, frechet_distance, memorisation_study,
                                               memorisation_subset, ncc, near_copy_rate, nearest_neighbours,
@@ -224,13 +225,42 @@ def test_classifier_training_is_deterministic_per_seed():
 def test_protect_trains_once_then_reloads_the_same_classifier(tmp_path):
     images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     first = protect(images, Schedule(image_size=8), tmp_path / "c", steps=5, seed=1, progress=False)
-    again = protect(images, Schedule(image_size=8), tmp_path / "c", steps=999, seed=1, progress=False)
+    again = protect(images, Schedule(image_size=8), tmp_path / "c", steps=5, seed=1, progress=False)
     assert first.seconds > 0 and again.seconds == 0
     assert all(torch.equal(v, again.classifier.state_dict()[k]) for k, v in first.classifier.state_dict().items())
     assert torch.equal(first.labels, again.labels)
     assert (first.clean_accuracy, first.noised_accuracy) == (again.clean_accuracy, again.noised_accuracy)
-    with pytest.raises(ValueError, match="not 16 px"):
+    with pytest.raises(DataError, match="not 16 px"):
         protect(torch.zeros(8, 1, 16, 16), Schedule(image_size=16), tmp_path / "c", progress=False)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"images": "other"}, "trained for other protected images"),
+    ({"images": "fewer"}, "protected images, number of images"),
+    ({"steps": 6}, "--steps (stored 5, given 6)"),
+    ({"seed": 2}, "--seed (stored 1, given 2)"),
+])
+def test_protect_refuses_a_classifier_trained_for_another_set_or_steps(tmp_path, change, named):
+    """Issue 16: a reloaded classifier must be the one of these images, steps and seed, else its accuracies
+    describe another set; the refusal names the difference and the manifest it was trained on."""
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    protect(images, Schedule(image_size=8), tmp_path / "c", steps=5, seed=1, progress=False, source="train.csv")
+    given = {"images": images, "steps": 5, "seed": 1}
+    if change.get("images") == "other":
+        given["images"] = images.flip(0)  # the same pixels in another order are another labelled set
+    elif change.get("images") == "fewer":
+        given["images"] = images[:6]
+    given.update({k: v for k, v in change.items() if k != "images"})
+    with pytest.raises(DataError) as err:
+        protect(given.pop("images"), Schedule(image_size=8), tmp_path / "c", progress=False, **given)
+    assert named in str(err.value) and "(trained on train.csv)" in str(err.value)
+
+
+def test_protect_refuses_zero_steps_and_an_empty_set(tmp_path):
+    with pytest.raises(UsageError, match="--steps must be at least 1, got 0"):
+        protect(torch.zeros(4, 1, 8, 8), Schedule(image_size=8), tmp_path / "c", steps=0, progress=False)
+    with pytest.raises(DataError, match="no training images to protect"):
+        protect(torch.zeros(0, 1, 8, 8), Schedule(image_size=8), tmp_path / "c", progress=False)
 
 
 # --------------------------------------------------------------------------- nearest neighbours and copies

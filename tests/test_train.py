@@ -10,6 +10,7 @@ import pytest
 from busgen_lib.diffusion import train as train_module
 from busgen_lib.diffusion.checkpoint import latest_checkpoint, load_model
 from busgen_lib.diffusion.train import pretrain, weights_digest
+from busgen_lib.errors import UsageError
 
 STEPS = dict(steps=6, batch_size=4, checkpoint_every=3, warmup_steps=1, log_every=1)
 
@@ -51,7 +52,7 @@ def test_a_different_seed_gives_different_weights(tiny_phantom, tmp_path):
 def test_existing_run_is_not_overwritten_and_foreign_checkpoint_is_refused(tiny_phantom, tmp_path):
     run = tmp_path / "run"
     pretrain(tiny_phantom, "smoke", run, train_overrides={**STEPS, "steps": 3}, progress=False)
-    with pytest.raises(FileExistsError, match="resume"):
+    with pytest.raises(UsageError, match="--resume"):
         pretrain(tiny_phantom, "smoke", run, train_overrides=STEPS, progress=False)
     with pytest.raises(ValueError, match="box_mode"):
         pretrain(tiny_phantom, "smoke", run, resume=True, train_overrides=STEPS,

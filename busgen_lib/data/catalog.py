@@ -34,7 +34,7 @@ def phantom_dataset(profile: str, runs_dir: str | Path, seed: int = 0) -> Path:
     out = Path(runs_dir) / "data" / "phantom"
     params = {"n": p.phantom_images, "size": p.phantom_size, "seed": seed}
     if not _is_current(out, params):
-        write_phantom(out, n=p.phantom_images, size=p.phantom_size, seed=seed)
+        write_phantom(out, n=p.phantom_images, size=p.phantom_size, seed=seed, replace=True)
         _stamp(out, params)
     return out / "manifest.csv"
 

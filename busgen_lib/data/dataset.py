@@ -18,11 +18,13 @@ from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from busgen_lib.data.augment import AugmentConfig, augment, prepare
+from busgen_lib.data.manifest import not_a_regular_file
+from busgen_lib.data.pixels import unit_grayscale
 from busgen_lib.data.schema import PATHOLOGIES, parse_boxes
+from busgen_lib.errors import DataError
 
 NULL_INDEX = 0  # the null token of every categorical condition (CFG's unconditional class)
 PATHOLOGY_INDEX: dict[str, int] = {p: i + 1 for i, p in enumerate(PATHOLOGIES)}
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillow opens 16-bit PNGs
 
 
 # --------------------------------------------------------------------------- helpers
@@ -53,17 +55,22 @@ def boxes_to_mask(boxes: torch.Tensor, size: int | tuple[int, int]) -> torch.Ten
 
 
 def load_grayscale(path: str | Path) -> torch.Tensor:
-    """Read an image file as a (1, H, W) float32 tensor in [0, 1].
+    """Read an image file as a (1, H, W) float32 tensor in [0, 1] (the pixel rule of data/pixels.py).
 
-    Colour images become ITU-R 601-2 luma via PIL's convert("L") (alpha dropped);
-    16-bit images are divided by 65535 so that their full range maps to [0, 1].
+    8-bit, palette and colour images become ITU-R 601-2 luma / 255, 16-bit ones
+    / 65535, float ones are taken as they are if in 0..1; any other range, a
+    truncated file or a non-regular file is a DataError naming the file.
     """
-    with Image.open(path) as im:
-        if im.mode in _SIXTEEN_BIT_MODES:
-            array = np.asarray(im, dtype=np.float32) / 65535.0
-        else:
-            array = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    return torch.from_numpy(np.clip(array, 0.0, 1.0))[None]
+    path = Path(path)
+    if (why := not_a_regular_file(path)) is not None:
+        raise DataError(why)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            array = unit_grayscale(im, str(path))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read {path} as an image ({err}); re-export it, e.g. as PNG") from err
+    return torch.from_numpy(array)[None]
 
 
 def _is_empty(value: object) -> bool:
@@ -107,6 +114,9 @@ class BUSDataset(Dataset):
         root = root if root is not None else df.attrs.get("root")
         if root is None:
             raise ValueError("no image root: pass root=... or set df.attrs['root'] to the manifest's folder")
+        # Manifest row numbers (1-based, as `validate` counts) of the rows kept, for messages.
+        self._manifest_rows = [int(i) + 1 for i in df.index] if pd.api.types.is_integer_dtype(df.index) \
+            else list(range(1, len(df) + 1))
         self.df = df.reset_index(drop=True)
         self.root = Path(root)
         self.image_size, self.train, self.max_boxes, self.seed = image_size, train, max_boxes, seed
@@ -123,8 +133,8 @@ class BUSDataset(Dataset):
         try:
             return PATHOLOGY_INDEX[str(name)]
         except KeyError:
-            raise ValueError(f"row {row} ({self.df['image'][row]}): pathology {name!r} is not one of "
-                             f"{', '.join(PATHOLOGIES)}") from None
+            raise DataError(f"{self._where(row)}: pathology {name!r} is not one of "
+                            f"{', '.join(PATHOLOGIES)}") from None
 
     def _device_index(self, row: int, name: object) -> int:
         """0 for an empty device, else 1 + position in the vocabulary; an unknown name is an error,
@@ -132,9 +142,12 @@ class BUSDataset(Dataset):
         if _is_empty(name):
             return NULL_INDEX
         if str(name) not in self.device_vocab:
-            raise ValueError(f"row {row} ({self.df['image'][row]}): device {name!r} is not in the device "
-                             f"vocabulary {list(self.device_vocab)}; add it to device_vocab")
+            raise DataError(f"{self._where(row)}: device {name!r} is not one the model knows "
+                            f"({', '.join(self.device_vocab) or 'none'}); use one of them or leave device empty")
         return self.device_vocab.index(str(name)) + 1
+
+    def _where(self, position: int) -> str:
+        return f"row {self._manifest_rows[position]} ({self.df['image'][position]})"
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draw of this epoch (the same epoch always gives the same samples)."""

@@ -13,6 +13,7 @@ absolute.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from busgen_lib.data.pixels import pixel_range_problem
 from busgen_lib.data.schema import (
     BIRADS,
     BOXES_MISSING,
@@ -34,6 +36,7 @@ from busgen_lib.data.schema import (
     box_problem,
     parse_boxes,
 )
+from busgen_lib.errors import DataError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # PIL modes with a defined grayscale reading (colour is converted with ITU-R 601
@@ -64,12 +67,20 @@ class Problem:
         return f"{':'.join(where)}: {self.message}"
 
 
-class ManifestError(ValueError):
+class ManifestError(DataError):
     """A manifest (or a source table) failed validation; `.problems` lists every problem."""
 
     def __init__(self, problems: Iterable[Problem]):
         self.problems = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+    def one_line(self) -> str:
+        first = str(self.problems[0]) if self.problems else "invalid manifest"
+        more = len(self.problems) - 1
+        if not more:
+            return first
+        file = self.problems[0].file
+        return f"{first} (and {more} more problem(s); `python -m busgen_lib validate {file}` lists them all)"
 
 
 class _Issue(NamedTuple):
@@ -192,6 +203,8 @@ def is_flagged(values: pd.Series) -> pd.Series:
 
 def _inspect(path: Path, root: str | Path | None, check_images: bool) -> tuple[pd.DataFrame, list[Problem]]:
     """Load and check a manifest; returns the normalised frame and its problems."""
+    if (why := not_a_regular_file(path)) is not None:  # a FIFO would block the reader forever
+        return pd.DataFrame(columns=list(COLUMNS)), [Problem(str(path), None, None, f"cannot read the manifest: {why}")]
     try:
         df = _normalise(_load_table(path))
     except (OSError, ValueError) as err:
@@ -405,16 +418,42 @@ def _absolute(value: str, root: Path) -> Path:
 
 
 def _probe(path: Path) -> tuple[tuple[int, int] | None, str | None]:
-    """An image's (width, height) from its header, or why it cannot be used."""
+    """An image's (width, height) after decoding all its pixels, or why it cannot be used.
+
+    Pixels are decoded (not just the header) so that a truncated or corrupt file
+    is caught here, naming the file, rather than deep inside training. Anything
+    but a regular file (a directory, FIFO or device) is refused before opening:
+    reading a FIFO would block forever.
+    """
+    if (why := not_a_regular_file(path)) is not None:
+        return None, why
     try:
         with Image.open(path) as im:
             size, mode, frames = im.size, im.mode, getattr(im, "n_frames", 1)
-    except FileNotFoundError:
-        return None, f"file not found: {path}"
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        return None, f"cannot read {path} as an image ({err})"
+            if frames == 1 and mode in IMAGE_MODES:
+                im.load()
+                why = pixel_range_problem(im)
+                if why is not None:
+                    return None, f"{path}: {why}"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return None, f"cannot read {path} as an image ({err}); re-export it, e.g. as PNG"
     if frames > 1:
         return None, f"{path} has {frames} frames; store one 2-D frame per file"
     if mode not in IMAGE_MODES:
         return None, f"{path} has mode {mode}, which has no grayscale reading; re-export it as grayscale or RGB"
     return size, None
+
+
+def not_a_regular_file(path: Path) -> str | None:
+    """Why `path` cannot be read as an image file without opening it (missing, folder, FIFO, device), or None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"file not found: {path}"
+    except OSError as err:
+        return f"cannot access {path} ({err.strerror})"
+    if stat.S_ISDIR(mode):
+        return f"{path} is a folder, not an image file; point the row at the image inside it"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file (a FIFO, socket or device); copy the image to a regular file"
+    return None

@@ -9,6 +9,7 @@ exactly. Both are written to a temporary folder and moved into place with one
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from busgen_lib.diffusion.model import BUSGenConfig, BUSGenUNet
+from busgen_lib.errors import DataError, UsageError
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 OPTIMIZER_FILE, EMA_FILE, STATE_FILE = "optimizer.safetensors", "ema.safetensors", "trainer_state.json"
@@ -37,6 +39,15 @@ def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (weights files): records *which* model or adapter made a sample folder."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -72,11 +83,23 @@ def read_config(folder: str | Path) -> BUSGenConfig:
     """The configuration of a model folder or checkpoint, with a clear error when it is not one."""
     path = Path(folder) / CONFIG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; is this a busgen model folder or checkpoint?")
+        raise DataError(f"{folder}: no {CONFIG_FILE}; is this a busgen model folder (the model/ folder of a "
+                        "pretrain run)?")
     try:
         return BUSGenConfig.from_json(path.read_text())
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: {err}") from None
+    except (ValueError, TypeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: {err}; is this a busgen model folder?") from None
+
+
+def read_weights(path: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or a DataError naming the file when it is missing or not safetensors."""
+    if not path.is_file():
+        raise DataError(f"{path}: weights file not found; the folder is incomplete (copy it again or retrain)")
+    try:
+        return load_file(path, device=map_location)
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on damaged files
+        raise DataError(f"{path}: cannot read the weights ({err}); the file is damaged or not safetensors, "
+                        "copy it again or retrain") from None
 
 
 def load_model(folder: str | Path, profile: str | None = None, map_location: str = "cpu") -> BUSGenUNet:
@@ -88,15 +111,15 @@ def load_model(folder: str | Path, profile: str | None = None, map_location: str
     folder = Path(folder)
     config = read_config(folder)
     if profile is not None and config.profile != profile:
-        raise ValueError(f"{folder}: model was trained under profile {config.profile!r} "
-                         f"({config.image_size} px), not {profile!r}")
+        raise DataError(f"{folder}: model was trained under profile {config.profile!r} "
+                        f"({config.image_size} px), not {profile!r}")
     model = BUSGenUNet(config)
-    state = load_file(folder / WEIGHTS_FILE, device=map_location)
+    state = read_weights(folder / WEIGHTS_FILE, map_location)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the architecture in {CONFIG_FILE}: "
+        raise DataError(f"{folder / WEIGHTS_FILE} does not fit the architecture in {CONFIG_FILE}: "
                          f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
                          f"(e.g. {unexpected[:2]}), {len(wrong)} of another shape (e.g. {wrong[:2]})")
     model.load_state_dict(state)
@@ -165,8 +188,9 @@ def load_checkpoint(path: str | Path, model: BUSGenUNet, optimizer: torch.optim.
     if stored != model.config:
         diff = {k: (v, getattr(model.config, k)) for k, v in stored.to_dict().items()
                 if model.config.to_dict().get(k) != v}
-        raise ValueError(f"{path}: checkpoint was written for another model configuration; "
-                         f"differences (checkpoint, requested): {diff}")
+        raise UsageError(f"{path}: checkpoint was written for another model configuration; "
+                         f"differences (checkpoint, requested): {diff}; resume with the options the run was "
+                         "started with (--profile, --box-mode) or choose another --out")
     model.load_state_dict(load_file(path / WEIGHTS_FILE))
     state = json.loads((path / STATE_FILE).read_text())
     optimizer.load_state_dict(_unflatten_optimizer(load_file(path / OPTIMIZER_FILE), state["optimizer"]))

@@ -3,6 +3,9 @@
 Layout of an output folder:
 
     plan.json                      the plan, written at start; a resume must pass the same plan
+    settings.json                  everything else that determines an image (model and adapter
+                                   fingerprints, sampler, steps, guidance, CPSample, seed); a resume
+                                   must pass the same settings
     images/<index:08d>.png         one image per request
     shards/shard-<k>-of-<N>.csv    what shard k has finished, appended batch by batch
     manifest.csv                   all shards merged, sorted by index (`merge_shards`)
@@ -32,11 +35,13 @@ from tqdm.auto import tqdm
 from busgen_lib.data.manifest import write_manifest
 from busgen_lib.data.schema import COLUMNS, format_boxes
 from busgen_lib.diffusion.plan import Request
+from busgen_lib.errors import DataError, UsageError
 
 SampleFn = Callable[[list[Request]], np.ndarray]
 
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = "busgen-plan/1"
+SETTINGS_FILE = "settings.json"
 IMAGE_DIR = "images"
 SHARD_DIR = "shards"
 MANIFEST_FILE = "manifest.csv"
@@ -53,20 +58,25 @@ def shard_path(out_dir: str | Path, shard_index: int, num_shards: int) -> Path:
 
 def generate(plan: Sequence[Request], sample_fn: SampleFn, out_dir: str | Path, *, batch_size: int,
              shard_index: int = 0, num_shards: int = 1, image_ext: str = "png", progress: bool = True,
-             generator: str = "busgen") -> Path:
+             generator: str = "busgen", settings: dict | None = None) -> Path:
     """Generate this shard's part of `plan` into `out_dir`, resuming what a previous run finished.
 
     `sample_fn(requests)` returns uint8 images (B, H, W) and must honour each
     request's seed, so that a request's image does not depend on its batch.
     `generator` names the model in the manifest's `generator` column.
+    `settings` (JSON-able) records everything besides the plan that determines
+    an image; a rerun into the same folder with other settings is refused,
+    naming the difference, so one manifest never mixes two generators.
     Returns the shard's manifest part; call `merge_shards` once all shards are done.
     """
     if not 0 <= shard_index < num_shards or batch_size < 1:
-        raise ValueError(f"need 0 <= shard_index < num_shards and batch_size >= 1, "
-                         f"got shard_index={shard_index}, num_shards={num_shards}, batch_size={batch_size}")
+        raise UsageError(f"need 0 <= shard_index < num_shards and a batch size >= 1, "
+                         f"got shard_index={shard_index}, num_shards={num_shards}, batch size {batch_size}")
     _image_format(image_ext)
     out_dir = Path(out_dir)
-    _prepare(out_dir, plan, num_shards)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: the output folder is a file; choose another --out")
+    _prepare(out_dir, plan, num_shards, {**(settings or {}), "image_ext": image_ext})
     part = shard_path(out_dir, shard_index, num_shards)
     done = _listed_indices(part)
     mine = [r for r in plan if r.index % num_shards == shard_index]
@@ -90,7 +100,7 @@ def _image_format(ext: str) -> str:
     """Pillow's format name for a file extension, or a clear error before any sampling."""
     formats = Image.registered_extensions()
     if f".{ext}" not in formats:
-        raise ValueError(f"cannot write images as .{ext}; use e.g. png (lossless), tif or jpg")
+        raise UsageError(f"cannot write images as .{ext}; use e.g. png (lossless), tif or jpg")
     return formats[f".{ext}"]
 
 
@@ -147,47 +157,69 @@ def _listed_indices(part: Path) -> set[int]:
 
 # --------------------------------------------------------------------------- the plan on disk
 
-def _prepare(out_dir: Path, plan: Sequence[Request], num_shards: int) -> None:
-    """Create the folder, store the plan (or check it matches the stored one) and the shard layout."""
+def _prepare(out_dir: Path, plan: Sequence[Request], num_shards: int, settings: dict) -> None:
+    """Create the folder, store the plan and settings (or check they match the stored ones) and the shard layout."""
     _check_indices(plan)
-    (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-    (out_dir / SHARD_DIR).mkdir(exist_ok=True)
-    stored = out_dir / PLAN_FILE
+    stored, stored_settings = out_dir / PLAN_FILE, out_dir / SETTINGS_FILE
+    # Checked before the plan: a concurrent shard writes the plan before it makes these folders.
+    leftovers = (out_dir / SHARD_DIR).exists() or (out_dir / IMAGE_DIR).exists()
     if stored.exists():
         _check_same_plan(read_plan(out_dir), plan, stored)
+        _check_same_settings(stored_settings, settings)
+    elif leftovers:
+        raise UsageError(f"{out_dir}: holds images/ or shards/ but no {PLAN_FILE}; it is not a resumable sampling "
+                         "folder, choose a fresh --out")
     else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(stored_settings, settings)  # before the plan, which marks the folder as started
         _write_json_atomically(stored, {"format": PLAN_FORMAT, "requests": [r.to_json() for r in plan]})
+    (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / SHARD_DIR).mkdir(exist_ok=True)
     _check_shard_layout(out_dir, num_shards)
+
+
+def _check_same_settings(path: Path, settings: dict) -> None:
+    """Refuse to resume with other generation settings; name every difference."""
+    if not path.exists():
+        raise UsageError(f"{path.parent}: written without a record of its sampling settings ({SETTINGS_FILE}), so "
+                         "a resume cannot be checked; choose a fresh --out")
+    stored = json.loads(path.read_text())
+    given = json.loads(json.dumps(settings))  # the JSON form, as stored (tuples become lists)
+    diffs = [f"{k} (stored {stored.get(k)!r}, given {given.get(k)!r})"
+             for k in sorted(set(stored) | set(given)) if stored.get(k) != given.get(k)]
+    if diffs:
+        raise UsageError(f"{path.parent} was sampled with other settings: {'; '.join(diffs)}; rerun with the stored "
+                         "settings to resume, or choose a fresh --out")
 
 
 def _check_indices(plan: Sequence[Request]) -> None:
     for position, r in enumerate(plan):
         if r.index != position:
-            raise ValueError(f"request at position {position} has index {r.index}; a plan's indices run 0..n-1 "
-                             "in order (build it with balanced_plan or explicit_plan)")
+            raise DataError(f"request at position {position} has index {r.index}; a plan's indices run 0..n-1 "
+                            "in order (build it with balanced_plan or explicit_plan)")
 
 
 def read_plan(out_dir: str | Path) -> list[Request]:
     """The plan stored in an output folder by `generate`."""
     path = Path(out_dir) / PLAN_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {out_dir} is not a generation folder (run generate first)")
+        raise DataError(f"{path} not found: {out_dir} is not a sampling output folder")
     data = json.loads(path.read_text())
     if data.get("format") != PLAN_FORMAT:
-        raise ValueError(f"{path}: not a plan in format {PLAN_FORMAT!r} (found {data.get('format')!r})")
+        raise DataError(f"{path}: not a plan in format {PLAN_FORMAT!r} (found {data.get('format')!r})")
     return [Request.from_json(r) for r in data["requests"]]
 
 
 def _check_same_plan(stored: list[Request], plan: Sequence[Request], path: Path) -> None:
     """Refuse to mix two plans in one folder; name the first difference so the user sees why."""
-    advice = "pass the same plan to resume, or use a fresh out_dir"
+    advice = "pass the same plan (--n, --plan, --seed, --pathologies, --devices) to resume, or use a fresh --out"
     if len(stored) != len(plan):
-        raise ValueError(f"{path} holds a plan of {len(stored)} requests but {len(plan)} were given; {advice}")
+        raise UsageError(f"{path} holds a plan of {len(stored)} requests but {len(plan)} were given; {advice}")
     for old, new in zip(stored, plan):
         old_json, new_json = old.to_json(), new.to_json()  # JSON form: boxes as lists either way
         for field in ("seed", "pathology", "device", "boxes"):
             if old_json[field] != new_json[field]:
-                raise ValueError(f"{path}: request {old.index} differs in {field!r} (stored "
+                raise UsageError(f"{path}: request {old.index} differs in {field!r} (stored "
                                  f"{old_json[field]!r}, given {new_json[field]!r}); {advice}")
 
 
@@ -196,9 +228,9 @@ def _check_shard_layout(out_dir: Path, num_shards: int) -> None:
     others = sorted({int(m[2]) for p in (out_dir / SHARD_DIR).iterdir()
                      if (m := _SHARD_NAME.fullmatch(p.name)) and int(m[2]) != num_shards})
     if others:
-        raise ValueError(f"{out_dir / SHARD_DIR} holds parts written with num_shards={others[0]}; "
-                         f"resume with num_shards={others[0]} (e.g. the same number of processes), "
-                         "or use a fresh out_dir")
+        raise UsageError(f"{out_dir / SHARD_DIR} holds parts written by {others[0]} processes; resume with "
+                         f"{others[0]} processes (`accelerate launch --num_processes {others[0]}`), "
+                         "or use a fresh --out")
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
@@ -226,15 +258,16 @@ def merge_shards(out_dir: str | Path) -> Path:
 def _check_complete(index: pd.Series, n: int, out_dir: Path) -> None:
     duplicated = sorted(set(index[index.duplicated()]))
     if duplicated:
-        raise ValueError(f"{out_dir / SHARD_DIR}: indices listed more than once: {duplicated[:10]}; "
-                         "shard parts from different runs were mixed — use a fresh out_dir")
+        raise DataError(f"{out_dir / SHARD_DIR}: indices listed more than once: {duplicated[:10]}; "
+                        "shard parts from different runs were mixed — use a fresh --out")
     missing = sorted(set(range(n)) - set(index))
     if missing:
-        raise ValueError(f"{out_dir}: {len(missing)} of {n} requests are not generated yet (first: {missing[:10]}); "
-                         "run generate again with the same plan and shards to finish them")
+        raise DataError(f"{out_dir}: {len(missing)} of {n} requests are not generated yet (first: {missing[:10]}); "
+                        "rerun the same sample command (same processes) to finish them")
     extra = sorted(set(index) - set(range(n)))
     if extra:
-        raise ValueError(f"{out_dir / SHARD_DIR}: indices {extra[:10]} are outside the stored plan of {n} requests")
+        raise DataError(f"{out_dir / SHARD_DIR}: indices {extra[:10]} are outside the stored plan of {n} requests; "
+                        "shard parts from another run were copied in — use a fresh --out")
 
 
 # --------------------------------------------------------------------------- accelerate

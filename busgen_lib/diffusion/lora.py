@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -30,16 +31,19 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from busgen_lib.data.manifest import read_manifest
-from busgen_lib.diffusion.box_prior import BoxPrior
-from busgen_lib.diffusion.checkpoint import load_model
+from busgen_lib.diffusion.checkpoint import load_model, read_weights
 from busgen_lib.diffusion.model import BUSGenUNet
-from busgen_lib.diffusion.train import (BOX_PRIOR_FILE, TrainConfig, fit, make_accelerator, refuse_overwrite,
+from busgen_lib.diffusion.train import (BOX_PRIOR_FILE, TrainConfig, check_run_settings, check_train_config,
+                                        file_digest, fit, fit_box_prior, make_accelerator, refuse_overwrite,
                                         train_dataset)
+from busgen_lib.errors import DataError, UsageError
 
 ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter.safetensors"
+ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+RESERVED_NAMES = ("default", "weight", "bias")  # peft's and torch's own attribute names on an adapted layer
 
 # Module-name patterns (regular expressions, full match) of the layers that get adapters.
 TARGETS: dict[str, str] = {
@@ -62,9 +66,9 @@ class AdapterConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         unknown = sorted(set(self.targets) - set(TARGETS))
         if unknown or not self.targets:
-            raise ValueError(f"LoRA targets must be a non-empty subset of {list(TARGETS)}, got {list(self.targets)}")
+            raise UsageError(f"--targets must be a non-empty subset of {', '.join(TARGETS)}, got {list(self.targets)}")
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
+            raise UsageError(f"--rank must be at least 1, got {self.rank}")
 
     def lora_config(self) -> LoraConfig:
         pattern = "|".join(f"(?:{TARGETS[t]})" for t in self.targets)
@@ -104,8 +108,18 @@ def adapter_names(model: torch.nn.Module) -> list[str]:
     return list(getattr(model, "peft_config", {}))
 
 
+def check_adapter_name(name: str) -> str:
+    """Refuse names peft cannot use as a module key ("" or with "."), or that would shadow its own
+    attributes: a letter, then letters, digits or "_"."""
+    if not ADAPTER_NAME.fullmatch(name) or name.startswith(("lora_", "base_")) or name in RESERVED_NAMES:
+        raise UsageError(f"--adapter {name!r} cannot name an adapter; use a letter followed by letters, digits or _ "
+                         f"(e.g. dcis), not starting with lora_ or base_ and not one of {', '.join(RESERVED_NAMES)}")
+    return name
+
+
 def add_adapter(model: BUSGenUNet, name: str, config: AdapterConfig = AdapterConfig()) -> BUSGenUNet:
     """Inject a new, untrained adapter `name` and make it the active one; base weights are frozen."""
+    check_adapter_name(name)
     if name in adapter_names(model):
         raise ValueError(f"the model already has an adapter named {name!r}")
     with warnings.catch_warnings():  # peft warns that a second adapter is being added: here that is the point
@@ -154,8 +168,12 @@ def save_adapter(model: BUSGenUNet, name: str, out: str | Path, base: str = "",
 def read_adapter_meta(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / ADAPTER_CONFIG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{folder}: no {ADAPTER_CONFIG_FILE}; is this a busgen adapter folder?")
-    return json.loads(path.read_text())
+        raise DataError(f"{folder}: no {ADAPTER_CONFIG_FILE}; is this a busgen adapter folder (the adapter/ folder "
+                        "of an adapt run)?")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not readable as JSON ({err}); copy the adapter folder again") from None
 
 
 def load_adapter(model: BUSGenUNet, folder: str | Path, name: str | None = None) -> str:
@@ -167,15 +185,15 @@ def load_adapter(model: BUSGenUNet, folder: str | Path, name: str | None = None)
     meta = read_adapter_meta(folder)
     fingerprint = base_fingerprint(model)
     if meta["base_fingerprint"] != fingerprint:
-        raise ValueError(f"{folder}: adapter {meta['name']!r} was trained on another base model "
+        raise DataError(f"{folder}: adapter {meta['name']!r} was trained on another base model "
                          f"({meta['base_model'] or 'unnamed'}, weights {meta['base_fingerprint'][:12]}…), "
                          f"not on this one (weights {fingerprint[:12]}…); load the base it was trained for")
     name = name or meta["name"]
     add_adapter(model, name, AdapterConfig(**meta["lora"]))
-    result = set_peft_model_state_dict(model, load_file(Path(folder) / ADAPTER_WEIGHTS_FILE), adapter_name=name)
+    result = set_peft_model_state_dict(model, read_weights(Path(folder) / ADAPTER_WEIGHTS_FILE), adapter_name=name)
     missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
     if result.unexpected_keys or missing:
-        raise ValueError(f"{folder}: adapter weights do not fit its configuration: "
+        raise DataError(f"{folder}: adapter weights do not fit its configuration: "
                          f"{len(missing)} missing, {len(result.unexpected_keys)} unexpected")
     return name
 
@@ -207,7 +225,7 @@ def load_adapted_model(model_dir: str | Path, adapter_dir: str | Path, merge: bo
 
 def adapt_config(profile: str, **overrides: Any) -> TrainConfig:
     config = ADAPT_CONFIGS[profile]
-    return replace(config, **overrides) if overrides else config
+    return check_train_config(replace(config, **overrides) if overrides else config)
 
 
 def adapt(model_dir: str | Path, manifest: str | Path, name: str, out: str | Path, *,
@@ -221,6 +239,7 @@ def adapt(model_dir: str | Path, manifest: str | Path, name: str, out: str | Pat
     new phenotype (DCIS: wide, flat non-mass lesions) has boxes of its own.
     """
     model_dir, out = Path(model_dir), Path(out)
+    check_adapter_name(name)
     model = load_model(model_dir)
     config = adapt_config(model.config.profile, **(train_overrides or {}))
     refuse_overwrite(out, resume)
@@ -228,12 +247,16 @@ def adapt(model_dir: str | Path, manifest: str | Path, name: str, out: str | Pat
     df = read_manifest(manifest)
     dataset, train_df = train_dataset(df, model.config.profile, config, device_vocab=model.config.device_names,
                                       source=manifest)
+    prior = fit_box_prior(train_df, manifest)
+    check_run_settings(out, {"command": "adapt", "name": name, "base": base_fingerprint(model),
+                             "manifest": file_digest(manifest), "lora": asdict(adapter_config), **asdict(config)},
+                       resume, write=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     torch.manual_seed(config.seed)
     add_adapter(model, name, adapter_config)
     net = fit(model, dataset, config, out, accelerator, resume=resume, progress=progress, desc=f"adapt {name}")
     folder = out / "adapter"
     if accelerator.is_main_process:
-        prior = BoxPrior.fit(train_df)
         save_adapter(net, name, folder, base=str(model_dir), extra_files={BOX_PRIOR_FILE: json.dumps(prior.to_json())})
     accelerator.wait_for_everyone()
     return folder

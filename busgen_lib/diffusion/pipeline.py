@@ -7,6 +7,7 @@ writer (generate.py). The requested conditions become the labels.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,13 +19,14 @@ from tqdm.auto import tqdm
 from busgen_lib.data.dataset import boxes_to_mask
 from busgen_lib.data.schema import PATHOLOGIES
 from busgen_lib.diffusion.box_prior import BoxPrior
-from busgen_lib.diffusion.checkpoint import load_model
+from busgen_lib.diffusion.checkpoint import WEIGHTS_FILE, file_fingerprint, load_model
 from busgen_lib.diffusion.generate import generate_distributed
-from busgen_lib.diffusion.lora import load_adapted_model
+from busgen_lib.diffusion.lora import ADAPTER_WEIGHTS_FILE, load_adapted_model
 from busgen_lib.diffusion.model import SAMPLING_DEFAULTS, BUSGenUNet
 from busgen_lib.diffusion.plan import Request, balanced_plan, explicit_plan
-from busgen_lib.diffusion.sample import CondFn, sample
+from busgen_lib.diffusion.sample import SAMPLERS, CondFn, sample
 from busgen_lib.diffusion.train import BOX_PRIOR_FILE
+from busgen_lib.errors import DataError, UsageError
 
 
 def requests_to_cond(requests: Sequence[Request], model: BUSGenUNet, device: torch.device | str = "cpu"
@@ -86,13 +88,19 @@ def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str 
     """Generate `n` images (or the rows of an explicit plan CSV) into `out`; returns the merged manifest.
 
     With `adapter`, the LoRA adapter is merged into the model first and its own
-    box prior (fitted on the adaptation data) replaces the base's. Every plan
-    entry is checked against the model's vocabularies before sampling starts.
-    Under `accelerate launch` each process writes its own shard.
+    box prior (fitted on the adaptation data) replaces the base's. Every option
+    and plan entry is checked before sampling starts, and `out/settings.json`
+    records what determines an image (model and adapter fingerprints, sampler,
+    steps, order, guidance, the `cond_fn`'s settings, seed) so that a rerun with
+    other settings is refused instead of mixed in. Under `accelerate launch`
+    each process writes its own shard.
     """
     model_dir = Path(model_dir)
     model = load_model(model_dir) if adapter is None else load_adapted_model(model_dir, adapter)
     defaults = SAMPLING_DEFAULTS[model.config.profile]
+    sampling = {"sampler": sampler or defaults.sampler, "steps": defaults.steps if steps is None else steps,
+                "order": order or defaults.order, "guidance": defaults.guidance if guidance is None else guidance}
+    _check_sampling(sampling, batch_size, seed)
     prior = BoxPrior.load(Path(adapter or model_dir) / BOX_PRIOR_FILE)
     known = model.config.device_names
     if str(plan) == "balanced":
@@ -100,11 +108,41 @@ def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str 
                                  known_devices=(*known, ""))
     else:
         requests = explicit_plan(plan, devices=(*known, ""), seed=seed, box_prior=prior)
+        crowded = [r for r in requests if len(r.boxes) > model.config.max_boxes]
+        if crowded:
+            raise DataError(f"{plan}: row {crowded[0].index + 1}, boxes: {len(crowded[0].boxes)} boxes, but the model "
+                            f"takes at most {model.config.max_boxes} per image ({len(crowded)} such row(s)); "
+                            "keep the largest ones")
+    settings = {"model": file_fingerprint(model_dir / WEIGHTS_FILE),
+                "adapter": None if adapter is None else file_fingerprint(Path(adapter) / ADAPTER_WEIGHTS_FILE),
+                **sampling, "seed": seed, "cond_fn": _describe(cond_fn)}
     device = PartialState(cpu=not torch.cuda.is_available()).device  # this process's GPU under accelerate
     model.to(device)
-    fn = model_sample_fn(model, steps=steps or defaults.steps, guidance=defaults.guidance if guidance is None else guidance,
-                         sampler=sampler or defaults.sampler, order=order or defaults.order, cond_fn=cond_fn,
-                         device=device)
+    fn = model_sample_fn(model, **sampling, cond_fn=cond_fn, device=device)
     source = str(model_dir) if adapter is None else f"{model_dir} + adapter {adapter}"
     return generate_distributed(requests, fn, out, batch_size=batch_size, generator=source,
-                                cpu=not torch.cuda.is_available())
+                                cpu=not torch.cuda.is_available(), settings=settings)
+
+
+def _check_sampling(sampling: dict, batch_size: int, seed: int) -> None:
+    """Refuse settings that would write black or empty images (nan guidance, zero steps) before any model runs."""
+    if sampling["sampler"] not in SAMPLERS:
+        raise UsageError(f"unknown --sampler {sampling['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
+    for name, value in (("--steps", sampling["steps"]), ("--batch-size", batch_size), ("solver order", sampling["order"])):
+        if int(value) != value or value < 1:
+            raise UsageError(f"{name} must be a whole number >= 1, got {value}")
+    if not math.isfinite(sampling["guidance"]) or sampling["guidance"] < 0:
+        raise UsageError(f"--guidance must be a finite number >= 0 (0: the conditional model alone), "
+                         f"got {sampling['guidance']}")
+    if seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {seed}")
+
+
+def _describe(cond_fn: CondFn | None) -> dict | None:
+    """What a guidance hook contributes to an image: its own `settings()` (CPSample: classifier fingerprint,
+    α, s), else its type's name (a hook without settings cannot be checked beyond that)."""
+    if cond_fn is None:
+        return None
+    if hasattr(cond_fn, "settings"):
+        return cond_fn.settings()
+    return {"type": f"{type(cond_fn).__module__}.{type(cond_fn).__qualname__}"}

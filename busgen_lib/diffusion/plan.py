@@ -23,6 +23,7 @@ import pandas as pd
 from busgen_lib.data.dataset import derive_seed
 from busgen_lib.data.schema import PATHOLOGIES, Box, box_problem, parse_boxes
 from busgen_lib.diffusion.box_prior import BoxPrior
+from busgen_lib.errors import DataError, UsageError
 
 BOX_STREAM = 1      # third key of a request's box rng, so it never shares a stream with the sampler seed
 MAX_REPORTED = 20   # problems listed in one error; the rest are counted
@@ -56,9 +57,11 @@ def request_seed(seed: int, index: int) -> int:
 # --------------------------------------------------------------------------- validation
 
 def _raise_problems(what: str, problems: list[str]) -> None:
+    """DataError whose first line names the first problem (the CLI's one line); the others follow below."""
     if problems:
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise ValueError(f"{what} has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:MAX_REPORTED]) + more)
+        raise DataError(f"{what}: {problems[0]} ({len(problems)} problem(s) in all)\n  "
+                        + "\n  ".join(problems[:MAX_REPORTED]) + more)
 
 
 def _condition_problems(where: str, pathology: str, device: str, devices: Sequence[str]) -> list[str]:
@@ -92,11 +95,12 @@ def validate_plan(plan: Sequence[Request], devices: Sequence[str]) -> None:
 
 
 def _check_choices(name: str, chosen: Sequence[str], known: Sequence[str]) -> None:
+    shown = ", ".join(k if k else "'' (no device)" for k in known)  # the empty name is the null condition
     if not chosen:
-        raise ValueError(f"no {name} given; choose from {', '.join(known)}")
+        raise UsageError(f"no {name} given; choose from {shown}")
     unknown = [c for c in chosen if c not in known]
     if unknown:
-        raise ValueError(f"unknown {name} {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+        raise UsageError(f"unknown {name} {', '.join(map(repr, unknown))}; choose from {shown}")
 
 
 def _check_prior_covers(box_prior: BoxPrior | None, pathologies: Sequence[str], where: str) -> None:
@@ -104,10 +108,11 @@ def _check_prior_covers(box_prior: BoxPrior | None, pathologies: Sequence[str], 
     have = box_prior.pathologies if box_prior is not None else ()
     missing = [p for p in needed if p not in have]
     if missing:
-        raise ValueError(f"{where} need lesion boxes for {', '.join(missing)} but "
+        raise UsageError(f"{where} need lesion boxes for {', '.join(missing)} but "
                          + ("no box prior was given" if box_prior is None else
-                            f"the box prior only has {', '.join(have) or 'no pathologies'}")
-                         + "; fit a BoxPrior on a manifest with such lesions, or give explicit boxes")
+                            f"the model's box prior only has {', '.join(have) or 'no pathologies'}")
+                         + "; request only those pathologies (sample --pathologies), or give explicit boxes "
+                           "in a --plan CSV")
 
 
 # --------------------------------------------------------------------------- balanced plans
@@ -132,8 +137,8 @@ def balanced_plan(n: int, pathologies: Sequence[str], devices: Sequence[str], bo
     `known_devices` is the model's device vocabulary (default: `devices` itself);
     every name is checked before any box is drawn.
     """
-    if n < 0 or seed < 0:
-        raise ValueError(f"n and seed must be >= 0, got n={n}, seed={seed}")
+    if n < 1 or seed < 0:
+        raise UsageError(f"a balanced plan needs --n >= 1 images and --seed >= 0, got n={n}, seed={seed}")
     _check_choices("pathologies", pathologies, PATHOLOGIES)
     _check_choices("devices", devices, known_devices if known_devices is not None else devices)
     _check_prior_covers(box_prior, pathologies, "the requested pathologies")
@@ -165,13 +170,20 @@ def explicit_plan(rows: pd.DataFrame | str | Path, devices: Sequence[str], seed:
     A lesion row with empty boxes gets boxes from `box_prior`; a `seed` column
     overrides the derived per-index seed. Every row is checked before any work.
     """
-    df = rows if isinstance(rows, pd.DataFrame) else pd.read_csv(rows, dtype=str, keep_default_na=False)
+    name = "the plan table" if isinstance(rows, pd.DataFrame) else str(rows)
+    try:
+        df = rows if isinstance(rows, pd.DataFrame) else pd.read_csv(rows, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as err:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise DataError(f"{rows}: cannot read the plan table ({err}); it is a CSV with pathology, device "
+                        "and optionally boxes, seed columns") from None
     missing = [c for c in ("pathology", "device") if c not in df.columns]
     if missing:
-        raise ValueError(f"plan table lacks column(s) {', '.join(missing)}; it needs pathology, device "
-                         f"and optionally boxes, seed (found: {', '.join(map(str, df.columns))})")
+        raise DataError(f"{name}: plan table lacks column(s) {', '.join(missing)}; it needs pathology, device "
+                        f"and optionally boxes, seed (found: {', '.join(map(str, df.columns))})")
+    if df.empty:
+        raise DataError(f"{name}: the plan table has no rows; list one request per row")
     parsed, problems = _parse_rows(df, devices)
-    _raise_problems("the plan table", problems)
+    _raise_problems(name, problems)
     _check_prior_covers(box_prior, [p for p, boxes, _ in parsed if not boxes], "rows without boxes")
     return [Request(i, s if s is not None else request_seed(seed, i), p, str(df["device"].iloc[i]),
                     boxes or _prior_boxes(box_prior, p, seed, i))

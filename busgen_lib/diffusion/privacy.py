@@ -42,7 +42,9 @@ setting; measure the trade-off on your own data.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -51,18 +53,20 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from busgen_lib.diffusion.checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_weights_folder
+from busgen_lib.diffusion.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_weights, write_weights_folder
 from busgen_lib.diffusion.schedule import ScheduleConfig, ddpm_scheduler, q_sample
+from busgen_lib.diffusion.train import weights_digest
+from busgen_lib.errors import DataError, UsageError
 
 ARCHITECTURE = "cpsample-classifier-v1"
 # The CPSample paper's Fig. 1 setting is α = 1e-3, s = 1000; on our memorising phantom model the milder
 # α = 0.01, s = 100 cost less realism (module docstring).
 DEFAULT_ALPHA = 0.01
 DEFAULT_SCALE = 100.0
+PROTECT_FILE = "protect.json"  # what a saved classifier was trained for (protected-set fingerprint, steps, seed)
 
 
 # --------------------------------------------------------------------------- the classifier
@@ -241,27 +245,68 @@ def train_cpsample_classifier(images: torch.Tensor, schedule: ScheduleConfig, *,
                        seconds=time.perf_counter() - start)
 
 
+def protected_set_fingerprint(images: torch.Tensor) -> str:
+    """SHA-256 of the protected images as the classifier sees them (float32 pixels and shape)."""
+    pixels = images.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(repr(tuple(pixels.shape)).encode())
+    h.update(pixels.numpy().tobytes())
+    return h.hexdigest()
+
+
 def protect(images: torch.Tensor, schedule: ScheduleConfig, folder: str | Path, *, steps: int = 2000,
-            seed: int = 0, progress: bool = True) -> CPSampleFit:
+            seed: int = 0, progress: bool = True, source: str | Path = "") -> CPSampleFit:
     """The CPSample classifier of a training set: trained and saved to `folder`, or reloaded from it.
 
-    A reloaded classifier keeps its random labels (they follow from `seed` and
-    the number of images) and has its accuracies measured again; `seconds` is 0.
+    The folder records what the classifier was trained for (`protect.json`: a
+    fingerprint of the protected images, their count, the steps and the seed;
+    `source` names the manifest, for the reader). A folder trained for other
+    images, steps, seed, size or schedule is refused with the difference named:
+    its accuracies would describe another set. A reloaded classifier has its
+    accuracies measured again; `seconds` is 0.
     """
     folder = Path(folder)
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}: an untrained classifier protects nothing")
+    if len(images) == 0:
+        raise DataError(f"{source or 'protect'}: no training images to protect")
+    record = {"images": protected_set_fingerprint(images), "n_images": len(images), "steps": steps, "seed": seed}
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder}: --out must be a folder, but a file of that name exists")
     if (folder / CONFIG_FILE).exists():
         classifier = load_classifier(folder)
-        if (classifier.config.image_size, classifier.config.num_train_timesteps) != (
-                images.shape[-1], schedule.num_train_timesteps):
-            raise ValueError(f"{folder}: classifier for {classifier.config.image_size} px and T = "
-                             f"{classifier.config.num_train_timesteps}, not {images.shape[-1]} px and T = "
-                             f"{schedule.num_train_timesteps}; delete the folder to retrain")
+        _check_same_training(folder, classifier, record, images.shape[-1], schedule)
         labels = random_labels(len(images), seed)
         return CPSampleFit(classifier, labels, classifier_accuracy(classifier, images.float(), labels),
                            classifier_accuracy(classifier, images.float(), labels, noised=True, seed=seed), 0.0)
     fit = train_cpsample_classifier(images, schedule, steps=steps, seed=seed, progress=progress)
-    save_classifier(fit.classifier, folder)
+    save_classifier(fit.classifier, folder, record={**record, "source": str(source)})
     return fit
+
+
+def _check_same_training(folder: Path, classifier: NoiseAwareClassifier, record: dict, size: int,
+                         schedule: ScheduleConfig) -> None:
+    """Refuse a stored classifier trained for another set, steps, seed, resolution or schedule, naming each."""
+    advice = "delete the folder (or choose another --out) to train one for these images"
+    if (classifier.config.image_size, classifier.config.num_train_timesteps) != (size, schedule.num_train_timesteps):
+        raise DataError(f"{folder}: classifier for {classifier.config.image_size} px and T = "
+                        f"{classifier.config.num_train_timesteps}, not {size} px and T = "
+                        f"{schedule.num_train_timesteps}; {advice}")
+    path = folder / PROTECT_FILE
+    if not path.exists():
+        raise DataError(f"{folder}: no {PROTECT_FILE}, so what it was trained on is unknown; {advice}")
+    stored = json.loads(path.read_text())
+    names = {"images": "protected images", "n_images": "number of images", "steps": "--steps", "seed": "--seed"}
+    diffs = [f"{names[k]} (stored {_short(stored.get(k))}, given {_short(v)})"
+             for k, v in record.items() if stored.get(k) != v]
+    if diffs:
+        where = f" (trained on {stored['source']})" if stored.get("source") else ""
+        raise DataError(f"{folder}: classifier was trained for other {', '.join(d.split(' (')[0] for d in diffs)}"
+                        f"{where}: {'; '.join(diffs)}; {advice}")
+
+
+def _short(value: object) -> str:
+    """Fingerprints cut to 12 characters in messages."""
+    return f"{value[:12]}…" if isinstance(value, str) and len(value) == 64 else repr(value)
 
 
 # --------------------------------------------------------------------------- guidance
@@ -290,11 +335,17 @@ class CPSampleGuidance:
             raise ValueError(f"the classifier was trained on T = {classifier.config.num_train_timesteps} steps, "
                              f"the sampler's schedule has {len(alphas_cumprod)}; train it on model.config")
         if not 0.0 < alpha <= 0.5:
-            raise ValueError(f"alpha is a probability threshold in (0, 0.5], got {alpha}")
+            raise UsageError(f"--cpsample-alpha is a probability threshold in (0, 0.5], got {alpha}")
+        if not math.isfinite(scale) or scale < 0:
+            raise UsageError(f"--cpsample-scale must be a finite number >= 0, got {scale}")
         self.classifier = classifier.eval()
         self.alphas_cumprod = alphas_cumprod.detach().double()
         self.alpha, self.scale = alpha, scale
         self.evaluated = self.fired = 0
+
+    def settings(self) -> dict:
+        """What this guidance contributes to an image (recorded by the sampling folder): classifier, α, s."""
+        return {"cpsample_classifier": weights_digest(self.classifier), "alpha": self.alpha, "scale": self.scale}
 
     @property
     def fire_rate(self) -> float:
@@ -325,21 +376,22 @@ class CPSampleGuidance:
 
 # --------------------------------------------------------------------------- files
 
-def save_classifier(classifier: NoiseAwareClassifier, out: str | Path) -> Path:
-    """Write a classifier folder (`config.json`, `model.safetensors`) atomically."""
-    return write_weights_folder(classifier, classifier.config.to_json(), out)
+def save_classifier(classifier: NoiseAwareClassifier, out: str | Path, record: dict | None = None) -> Path:
+    """Write a classifier folder (`config.json`, `model.safetensors`, and `protect.json` when given) atomically."""
+    extra = {PROTECT_FILE: json.dumps(record, indent=1)} if record is not None else None
+    return write_weights_folder(classifier, classifier.config.to_json(), out, extra_files=extra)
 
 
 def load_classifier(folder: str | Path, map_location: str = "cpu") -> NoiseAwareClassifier:
     """Rebuild a classifier written by `save_classifier`, in eval mode."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).exists():
-        raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; is this a CPSample classifier folder?")
+        raise DataError(f"{folder}: no {CONFIG_FILE}; is this a CPSample classifier folder (from `protect`)?")
     try:
         config = CPSampleConfig.from_json((folder / CONFIG_FILE).read_text())
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{folder / CONFIG_FILE}: {err}") from None
+        raise DataError(f"{folder / CONFIG_FILE}: {err}; is this a CPSample classifier folder?") from None
     classifier = NoiseAwareClassifier(config)
-    classifier.load_state_dict(load_file(folder / WEIGHTS_FILE, device=map_location))
+    classifier.load_state_dict(read_weights(folder / WEIGHTS_FILE, map_location))
     return classifier.eval()
 

@@ -12,7 +12,7 @@ import csv
 import hashlib
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from busgen_lib.diffusion.box_prior import BoxPrior
 from busgen_lib.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from busgen_lib.diffusion.model import BUSGenUNet, config_for_profile
 from busgen_lib.diffusion.schedule import ddpm_scheduler, diffusion_loss
+from busgen_lib.errors import DataError, UsageError
 from busgen_lib.profiles import get_profile
 
 BOX_PRIOR_FILE = "box_prior.json"
@@ -65,7 +66,56 @@ TRAIN_CONFIGS: dict[str, TrainConfig] = {
 
 def train_config(profile: str, **overrides: Any) -> TrainConfig:
     config = TRAIN_CONFIGS[get_profile(profile).name]
-    return replace(config, **overrides) if overrides else config
+    return check_train_config(replace(config, **overrides) if overrides else config)
+
+
+def check_train_config(config: TrainConfig) -> TrainConfig:
+    """Refuse step and batch counts that would save an untrained model or never step."""
+    for option, value in (("--steps", config.steps), ("--batch-size", config.batch_size)):
+        if int(value) != value or value < 1:
+            raise UsageError(f"{option} must be a whole number >= 1, got {value}")
+    return config
+
+
+RUN_FILE = "run.json"  # the settings a run folder was started with; --resume must repeat them
+
+
+def check_run_settings(out: Path, settings: dict[str, Any], resume: bool, write: bool = True) -> None:
+    """Record a fresh run's settings in `out/run.json`; refuse a resume whose settings differ, naming each.
+
+    Resuming with another batch size, step count or manifest would continue the
+    optimiser on another problem while the checkpoint claims an exact resume.
+    """
+    path = out / RUN_FILE
+    given = json.loads(json.dumps(settings))  # the JSON form, as stored
+    if resume and path.exists():
+        stored = json.loads(path.read_text())
+        diffs = [f"{k} (run {stored.get(k)!r}, given {given.get(k)!r})"
+                 for k in sorted(set(stored) | set(given)) if stored.get(k) != given.get(k)]
+        if diffs:
+            raise UsageError(f"{out}: --resume with other settings than the run was started with: "
+                             f"{'; '.join(diffs)}; repeat the original options or choose another --out")
+        return
+    if write:  # the main process; the others only check
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(given, indent=1, sort_keys=True))
+
+
+def fit_box_prior(train_df: pd.DataFrame, source: str | Path) -> BoxPrior:
+    """The box prior of the training rows, fitted *before* training so that a manifest without lesion boxes
+    fails at once instead of after the last step (sampling needs the prior to place lesions)."""
+    try:
+        return BoxPrior.fit(train_df)
+    except ValueError:
+        counts = train_df["pathology"].value_counts().to_dict()
+        raise DataError(f"{source}: the train split has no benign or malignant rows with boxes "
+                        f"({len(train_df)} train rows: {counts}); the model needs lesion boxes to learn where "
+                        "lesions go and to place them when sampling; add boxed lesion rows to the train split") from None
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file (the manifest a run trains on)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- data order
@@ -135,7 +185,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     # Without a GPU, `cpu=True` makes a torchrun/`accelerate launch --multi_gpu` start use gloo across CPU processes.
     accelerator = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu and config.mixed_precision == "bf16" else "no")
     if config.batch_size % accelerator.num_processes:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {accelerator.num_processes} processes")
+        raise UsageError(f"--batch-size {config.batch_size} is not divisible by the {accelerator.num_processes} "
+                         "processes; choose a multiple")
     return accelerator
 
 
@@ -144,7 +195,8 @@ def train_dataset(df: pd.DataFrame, profile: str, config: TrainConfig, device_vo
     """The augmented training dataset of a manifest's `train` split (pretraining and adaptation alike)."""
     train_df = df[df["split"] == "train"]
     if train_df.empty:
-        raise ValueError(f"{source}: no rows with split == 'train' to train on")
+        raise DataError(f"{source}: no rows with split = train to train on ({len(df)} rows in all); mark the "
+                        "images to train on as train in the split column")
     prof = get_profile(profile)
     dataset = BUSDataset(train_df, root=df.attrs["root"], image_size=prof.image_size, train=True,
                          max_boxes=prof.max_boxes, seed=config.seed, device_vocab=device_vocab,
@@ -223,8 +275,8 @@ def fit(model: BUSGenUNet, dataset: BUSDataset, config: TrainConfig, out: Path, 
 
 def refuse_overwrite(out: Path, resume: bool) -> None:
     if not resume and latest_checkpoint(out) is not None:
-        raise FileExistsError(f"{out} already holds a training run; pass resume=True (--resume) to continue it "
-                              f"or choose another output folder")
+        raise UsageError(f"{out} already holds a training run; pass --resume to continue it "
+                         f"or choose another --out")
 
 
 def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: bool = False,
@@ -242,12 +294,17 @@ def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: boo
     accelerator = make_accelerator(config)
     df = read_manifest(manifest)
     dataset, train_df = train_dataset(df, profile, config, source=manifest)
+    prior = fit_box_prior(train_df, manifest)
     torch.manual_seed(config.seed)  # identical initial weights on every process
     model = BUSGenUNet(config_for_profile(profile, dataset.device_vocab, **(model_overrides or {})))
+    check_run_settings(out, {"command": "pretrain", "profile": profile, "manifest": file_digest(manifest),
+                             **asdict(config),
+                             **{f"model.{k}": v for k, v in model.config.to_dict().items()}}, resume,
+                       write=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     net = fit(model, dataset, config, out, accelerator, resume=resume, progress=progress)
     model_dir = out / "model"
     if accelerator.is_main_process:
-        prior = BoxPrior.fit(train_df)
         save_model(net, model_dir, extra_files={BOX_PRIOR_FILE: json.dumps(prior.to_json())})
     accelerator.wait_for_everyone()
     return model_dir

@@ -25,6 +25,7 @@ from busgen_lib.data.importers._common import (
 )
 from busgen_lib.data.manifest import ManifestError, Problem
 from busgen_lib.data.schema import BOXES_MISSING, format_boxes
+from busgen_lib.errors import DataError
 
 TABLE_NAME = "bus_data.csv"
 REQUIRED = ("id", "case", "pathology")
@@ -55,7 +56,7 @@ def import_busbra(root: str | Path, out: str | Path, *, seed: int = 0,
 def _read_table(path: Path) -> pd.DataFrame:
     """bus_data.csv with trimmed lower-case column names and trimmed string values."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; BUS-BRA's root holds {TABLE_NAME}, Images/ and Masks/")
+        raise DataError(f"{path} not found; BUS-BRA's root holds {TABLE_NAME}, Images/ and Masks/")
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     table.columns = [c.strip().lower() for c in table.columns]
     missing = [c for c in REQUIRED if c not in table]

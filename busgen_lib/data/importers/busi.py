@@ -27,6 +27,7 @@ from busgen_lib.data.importers._common import (
 )
 from busgen_lib.data.manifest import manifest_path
 from busgen_lib.data.schema import BOXES_MISSING, PATHOLOGIES, format_boxes
+from busgen_lib.errors import DataError
 
 _FILE = re.compile(r"^(?P<cls>benign|malignant|normal) \((?P<num>\d+)\)(?P<mask>_mask(?:_\d+)?)?\.png$")
 
@@ -60,8 +61,8 @@ def _dataset_folder(root: Path) -> Path:
     nested = root / "Dataset_BUSI_with_GT"
     folder = nested if nested.is_dir() else root
     if not any((folder / cls).is_dir() for cls in PATHOLOGIES):
-        raise FileNotFoundError(f"{root} does not look like BUSI: expected folders benign/, malignant/, normal/ "
-                                "holding 'benign (1).png' and 'benign (1)_mask.png' etc.")
+        raise DataError(f"{root} does not look like BUSI: expected folders benign/, malignant/, normal/ "
+                        "holding 'benign (1).png' and 'benign (1)_mask.png' etc.")
     return folder
 
 
@@ -75,7 +76,7 @@ def _scan(root: Path) -> dict[tuple[str, int], list[Path]]:
                 found.setdefault((cls, int(match["num"])), {})[match["mask"] or ""] = path
     orphans = [str(path) for parts in found.values() if "" not in parts for path in parts.values()]
     if orphans:
-        raise FileNotFoundError(f"mask file(s) without their image: {', '.join(orphans)}")
+        raise DataError(f"mask file(s) without their image: {', '.join(orphans)}; add the image or remove the mask")
     return {key: [parts.pop("")] + [parts[k] for k in sorted(parts)] for key, parts in found.items()}
 
 

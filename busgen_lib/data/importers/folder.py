@@ -27,6 +27,7 @@ from busgen_lib.data.importers._common import (
 )
 from busgen_lib.data.manifest import ManifestError, Problem
 from busgen_lib.data.schema import BOXES_MISSING, COLUMNS, Box, box_problem, format_boxes, parse_boxes
+from busgen_lib.errors import UsageError
 
 log = logging.getLogger(__name__)
 BoxUnit = Literal["auto", "pixel", "relative"]
@@ -38,20 +39,22 @@ def import_folder(images_dir: str | Path, labels_csv: str | Path, out: str | Pat
     """Write `<out>/manifest.csv` for `images_dir` labelled by `labels_csv`; returns its path.
 
     Boxes (JSON [[x0, y0, x1, y1], ...]) are pixels (x1/y1 exclusive) or
-    relative; "auto" reads the whole column as pixels if any value exceeds 1.
+    relative, one unit per file; "auto" infers it from the values and refuses
+    a file that mixes pixel-looking and relative-looking rows, naming them.
     A lesion without boxes gets them from its mask, or `boxes_missing=1`.
     Rows without a patient_id count as their own patient (logged: views of one
     patient could then straddle splits). Bad rows raise ManifestError naming
     the CSV row (1-based below the header) and column.
     """
     images_dir, labels_csv, out = Path(images_dir).resolve(), Path(labels_csv), Path(out)  # cwd-independent paths
-    table = _fill_patients(_read_labels(labels_csv, column_map or {}))
+    table = _read_labels(labels_csv, column_map or {})
     boxes, problems = _source_boxes(table, labels_csv)
     problems += pathology_problems(table["pathology"], labels_csv, "pathology")
     problems += _missing_files(table, images_dir, labels_csv)
     if problems:
         raise ManifestError(problems)
-    pixels = _boxes_are_pixels(boxes, boxes_unit)
+    pixels = _boxes_are_pixels(boxes, boxes_unit, labels_csv)
+    table = _fill_patients(table)  # after the checks: its warning is for an import that goes ahead
     rows = [_row(record, row_boxes, images_dir, pixels) for record, row_boxes in zip(table.to_dict("records"), boxes)]
     problems = _box_problems(rows, labels_csv)
     if problems:
@@ -66,7 +69,7 @@ def _read_labels(path: Path, column_map: Mapping[str, str]) -> pd.DataFrame:
     missing = [c for c in ("image", "pathology") if c not in table]
     if missing:
         raise ManifestError([Problem(str(path), None, c, f"column missing (found: {', '.join(table.columns)}); "
-                                     "rename yours with column_map={'your_name': '" + c + "'}") for c in missing])
+                                     f"name the CSV column holding it {c!r}") for c in missing])
     table = table.apply(lambda col: col.str.strip())
     for column in ("pathology", "birads", "split", BOXES_MISSING):
         if column in table:
@@ -98,10 +101,30 @@ def _missing_files(table: pd.DataFrame, images_dir: Path, path: Path) -> list[Pr
     return problems
 
 
-def _boxes_are_pixels(boxes: list[list[Box]], unit: BoxUnit) -> bool:
+def _boxes_are_pixels(boxes: list[list[Box]], unit: BoxUnit, path: Path) -> bool:
+    """Whether the CSV's boxes are pixels; one unit per file.
+
+    "auto" decides from the values: a row is pixel-looking when one of its values
+    exceeds 1, relative-looking when all are within 0..1. A file with both kinds
+    is refused, naming the rows that disagree with the majority: one mistyped
+    relative value (1.02) must not turn every other box into pixels.
+    """
     if unit not in ("auto", "pixel", "relative"):
-        raise ValueError(f"boxes_unit must be 'auto', 'pixel' or 'relative', not {unit!r}")
-    return unit == "pixel" or (unit == "auto" and any(v > 1 for row in boxes for box in row for v in box))
+        raise UsageError(f"--box-units must be auto, pixel or relative, not {unit!r}")
+    if unit != "auto":
+        return unit == "pixel"
+    looks_pixel = {i: any(v > 1 for box in row for v in box) for i, row in enumerate(boxes) if row}
+    pixel_rows = [i for i, is_pixel in looks_pixel.items() if is_pixel]
+    relative_rows = [i for i, is_pixel in looks_pixel.items() if not is_pixel]
+    if pixel_rows and relative_rows:
+        odd, kind, other = ((pixel_rows, "pixels (a value above 1)", "relative (all values within 0..1)")
+                            if len(pixel_rows) <= len(relative_rows) else
+                            (relative_rows, "relative (all values within 0..1)", "pixels (a value above 1)"))
+        majority = len(looks_pixel) - len(odd)
+        raise ManifestError([Problem(str(path), i + 1, "boxes", f"boxes look like {kind} but {majority} other "
+                                     f"row(s) look like {other}; fix the row, or state the unit with "
+                                     "--box-units pixel or --box-units relative") for i in odd])
+    return bool(pixel_rows)
 
 
 def _row(record: dict[str, str], boxes: list[Box], images_dir: Path, pixels: bool) -> dict[str, str]:

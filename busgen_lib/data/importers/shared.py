@@ -16,6 +16,7 @@ import pandas as pd
 from busgen_lib.data.importers._common import SPLIT_FRACTIONS, finish, pixel_to_relative, subtype_code
 from busgen_lib.data.manifest import manifest_path
 from busgen_lib.data.schema import BOXES_MISSING, format_boxes, parse_boxes
+from busgen_lib.errors import DataError
 
 SHARED_DATASETS = ("busi", "bus_uclm", "breast_lesions_usg")
 ALIASES = {"busi_compact": "busi"}  # the CLI's name, to tell it from the downloaded BUSI layout
@@ -53,7 +54,7 @@ def import_shared(name: str, root: str | Path, out: str | Path, *, keep_label_co
 def _read(root: Path) -> pd.DataFrame:
     path = root / "manifest.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; point root at a compact copy such as shared/datasets/busi")
+        raise DataError(f"{path} not found; point the source folder at a compact copy such as shared/datasets/busi")
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 

@@ -11,6 +11,7 @@ patient's presentation ("screening" or "symptomatic", cohort.py).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from busgen_lib.data.phantom.scene import build_scene
 from busgen_lib.data.schema import BIRADS, COLUMNS, format_boxes
 from busgen_lib.data.splits import assign_splits
 from busgen_lib.devices.registry import get_device
+from busgen_lib.errors import UsageError
 
 DESCRIPTOR_COLUMNS: tuple[str, ...] = (
     "shape", "margin", "orientation", "echo_pattern", "posterior", "halo", "calcifications",
@@ -35,6 +37,9 @@ EXTRA_COLUMNS: tuple[str, ...] = (*DESCRIPTOR_COLUMNS, "aln_positive", "probe_an
                                  "presentation")
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 NORMAL_BIRADS = "1"
+# Below 32 px a lesion is drawn a pixel or two wide and its box is quantised to 1/size steps (at 7 px every
+# box is one of a handful of cells); 32 px is also the smallest resolution any profile trains at.
+MIN_SIZE = 32
 
 
 def label_boxes(labels: np.ndarray) -> list[tuple[float, float, float, float]]:
@@ -101,15 +106,39 @@ def iter_patients(n: int, seed: int):
         index += 1
 
 
-def write_phantom(out: Path, n: int, size: int = 128, seed: int = 0, progress: bool = True) -> Path:
+DATASET_PARTS = ("manifest.csv", "images", "masks")
+
+
+def _check_fresh_out(out: Path, replace: bool) -> None:
+    """Refuse to write into a file or over a dataset (a smaller rerun would leave the old images orphaned);
+    with `replace`, remove the old dataset first instead."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: --out must be a folder, but a file of that name exists; choose another --out")
+    taken = [name for name in DATASET_PARTS if (out / name).exists()]
+    if taken and not replace:
+        raise UsageError(f"{out} already holds a dataset ({', '.join(taken)}); choose a new --out or delete it first")
+    for name in taken:
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+
+
+def write_phantom(out: Path, n: int, size: int = 128, seed: int = 0, progress: bool = True,
+                  replace: bool = False) -> Path:
     """Render n phantom images (size x size) with masks and manifest under `out`; return the manifest path.
 
     Same seed, same bytes: every patient and every view has its own seeded
     random stream. Splits are by patient (`assign_splits`), seeded the same.
+    A folder that already holds a dataset is refused, or with `replace` its
+    images, masks and manifest are removed first (never a mix of two renders).
     """
     if n < 1:
-        raise ValueError(f"n must be a positive number of images, got {n}")
+        raise UsageError(f"--n must be a positive number of images, got {n}")
+    if size < MIN_SIZE:
+        raise UsageError(f"--size {size} is too small for the phantom's lesions to be resolved; use at least "
+                         f"{MIN_SIZE} px")
+    if seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {seed}")
     out = Path(out)
+    _check_fresh_out(out, replace)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rows = []
