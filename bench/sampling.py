@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_of_interleaved, environment, print_table, timed, write_json  # noqa: E402
 
 from busgen_lib.data.dataset import boxes_to_mask  # noqa: E402
-from busgen_lib.devices.registry import device_names  # noqa: E402
+from busgen_lib.data.devices import device_names  # noqa: E402
 from busgen_lib.diffusion.model import SAMPLING_DEFAULTS, BUSGenUNet, build_model, count_parameters  # noqa: E402
 from busgen_lib.diffusion.sample import sample  # noqa: E402
 from busgen_lib.diffusion.schedule import diffusion_loss  # noqa: E402

@@ -162,7 +162,7 @@ def _adapt(args: argparse.Namespace) -> int:
 def _protect(args: argparse.Namespace) -> int:
     from busgen_lib.diffusion.checkpoint import load_model
     from busgen_lib.diffusion.privacy import protect
-    from busgen_lib.evaluate.control import load_images
+    from busgen_lib.data.dataset import load_images
 
     config = load_model(_existing(args.model, "model folder", folder=True)).config
     manifest = _existing(args.manifest, "manifest")
@@ -209,8 +209,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _clean(args: argparse.Namespace) -> int:
     from busgen_lib.data.manifest import read_manifest
-    from busgen_lib.diffusion.cleaning import clean_dataset, fit_label_classifier
-    from busgen_lib.evaluate.control import load_images
+    from busgen_lib.evaluate.cleaning import clean_dataset, fit_label_classifier
+    from busgen_lib.data.dataset import load_images
 
     generated_path, real_path = _existing(args.manifest, "generated manifest"), _existing(args.real, "--real manifest")
     generated, real = read_manifest(generated_path), read_manifest(real_path)

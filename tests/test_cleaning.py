@@ -10,8 +10,8 @@ from PIL import Image
 from torch import nn
 
 from busgen_lib.data.manifest import read_manifest, write_manifest
-from busgen_lib.diffusion.cleaning import KEPT_MANIFEST, REJECTED_LOG, clean, clean_dataset, fit_label_classifier
-from busgen_lib.evaluate.control import load_images
+from busgen_lib.evaluate.cleaning import KEPT_MANIFEST, REJECTED_LOG, clean, clean_dataset, fit_label_classifier
+from busgen_lib.data.dataset import load_images
 from busgen_lib.evaluate.probes import Probe
 from busgen_lib.evaluate.stats import proportion_ci
 

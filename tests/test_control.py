@@ -9,9 +9,9 @@ from busgen_lib.data.dataset import BUSDataset, boxes_to_mask
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.data.phantom import write_phantom
 from busgen_lib.data.schema import parse_boxes
+from busgen_lib.data.dataset import load_images, load_masks
 from busgen_lib.evaluate.control import (
-    ControlResult, box_control, device_control, fit_control_probes, lesion_box, load_images, load_masks,
-    pathology_control,
+    ControlResult, box_control, device_control, fit_control_probes, lesion_box, pathology_control,
 )
 from busgen_lib.evaluate.probes import train_classifier
 

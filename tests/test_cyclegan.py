@@ -15,8 +15,9 @@ from busgen_lib.devices.cyclegan import (
     CycleGAN, CycleGANConfig, ImagePool, PatchDiscriminator, ResnetGenerator, cyclegan_config, lsgan_loss,
     patchgan_specs, receptive_field, train_cyclegan,
 )
-from busgen_lib.devices.translate import DeviceTranslators, augment_manifest, device_slug, phantom_renderer
-from busgen_lib.evaluate.control import load_images
+from busgen_lib.devices.translate import DeviceTranslators, augment_manifest, device_slug
+from busgen_lib.evaluate.translation import phantom_renderer
+from busgen_lib.data.dataset import load_images
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from busgen_lib.devices.registry import DEVICES, device_names, get_device
+from busgen_lib.data.devices import DEVICES, device_names, get_device
 
 
 def test_registry_has_18_devices_from_9_manufacturers_with_two_each():

@@ -115,7 +115,7 @@ def test_loading_a_model_for_another_task_is_refused(trained, tmp_path):
 
 
 def test_predict_accepts_an_image_tensor(trained, bright_dark):
-    from busgen_lib.evaluate.control import load_images
+    from busgen_lib.data.dataset import load_images
 
     rows = bright_dark.iloc[:4]
     np.testing.assert_allclose(trained.predict_proba(load_images(rows, 64)), trained.predict_proba(rows), atol=0.05)

@@ -24,7 +24,7 @@ from busgen_lib.data.phantom import (
 from busgen_lib.data.phantom import cohort
 from busgen_lib.data.phantom.speckle import FWHM_PER_SIGMA, psf_sigmas
 from busgen_lib.data.schema import BIRADS, COLUMNS, box_problem, parse_boxes
-from busgen_lib.devices.registry import DEVICES, device_names
+from busgen_lib.data.devices import DEVICES, device_names
 from busgen_lib.profiles import get_profile
 
 DEMO = get_profile("demo")

@@ -23,9 +23,9 @@ from busgen_lib.diffusion.privacy import (NoiseAwareClassifier, classifier_accur
 from busgen_lib.diffusion.sample import sample
 from busgen_lib.errors import DataError, UsageError
 from busgen_lib.diffusion.schedule import ddpm_scheduler
-from busgen_lib.evaluate.memorisation import (ProbeFeatures, frechet_distance, memorisation_study,
-                                              memorisation_subset, ncc, near_copy_rate, nearest_neighbours,
-                                              novelty_threshold)
+from busgen_lib.evaluate.memorisation import (ProbeFeatures, frechet_distance, ncc, near_copy_rate,
+                                              nearest_neighbours, novelty_threshold)
+from busgen_lib.experiments.memorisation import memorisation_study, memorisation_subset
 from busgen_lib.evaluate.probes import SmallCNN
 from busgen_lib.evaluate.stats import proportion_ci
 

@@ -16,9 +16,10 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
+from tqdm.auto import tqdm
 
 from busgen_lib.data.augment import AugmentConfig, augment, prepare
-from busgen_lib.data.manifest import not_a_regular_file
+from busgen_lib.data.manifest import not_a_regular_file, resolve
 from busgen_lib.data.pixels import unit_grayscale
 from busgen_lib.data.schema import PATHOLOGIES, parse_boxes
 from busgen_lib.errors import DataError
@@ -209,3 +210,31 @@ def class_balanced_sampler(source: pd.DataFrame | BUSDataset, epoch: int = 0, se
     """The per-epoch class-balanced resampling of pretraining: len(source) draws balanced over pathology."""
     df = source.df if isinstance(source, BUSDataset) else source
     return ClassBalancedSampler(df["pathology"].astype(str).tolist(), seed=seed, epoch=epoch)
+
+
+# --------------------------------------------------------------------------- whole tables in memory
+
+def load_images(df: pd.DataFrame, size: int, progress: bool = False) -> torch.Tensor:
+    """(N, 1, size, size) images in [-1, 1] of a manifest's rows, through the data layer without augmentation."""
+    dataset = BUSDataset(df, image_size=size, train=False)
+    return torch.stack([dataset[i]["image"] for i in tqdm(range(len(dataset)), disable=not progress,
+                                                           desc="load", unit="img")])
+
+
+def load_masks(df: pd.DataFrame, size: int) -> torch.Tensor:
+    """(N, size, size) bool lesion masks: the `mask` file where a row has one, else its filled boxes.
+
+    Masks are resized like the images (whole image, antialiased) and thresholded
+    at one half. Rows without a mask fall back to their box rectangles, a coarser
+    target, so that datasets with boxes only can still train a segmenter.
+    """
+    has_mask = "mask" in df.columns
+    out = []
+    for i in range(len(df)):
+        if has_mask and str(df["mask"].iloc[i]).strip() not in ("", "nan", "None"):
+            mask = load_grayscale(resolve(df, "mask", i))[None]
+            mask = torch.nn.functional.interpolate(mask, size=(size, size), mode="bilinear", antialias=True)[0, 0]
+            out.append(mask > 0.5)
+        else:
+            out.append(boxes_to_mask(torch.tensor(parse_boxes(df["boxes"].iloc[i]), dtype=torch.float32).reshape(-1, 4), size) > 0)
+    return torch.stack(out)

@@ -1,2 +1,3 @@
-"""Scanner device types: the registry (`registry`), and CycleGAN translation between them (`cyclegan`: one
-translator; `translate`: one per target device, device augmentation of a manifest, evaluation on the phantom)."""
+"""Translation between scanner devices: CycleGAN (`cyclegan`: one translator) and device augmentation
+(`translate`: one translator per target device, every image to every device). The device specs themselves live in
+`busgen_lib.data.devices` (the phantom renders with them); the translators' evaluation in `evaluate.translation`."""

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from busgen_lib.data.dataset import ClassBalancedSampler
 from busgen_lib.downstream.tasks import Task
-from busgen_lib.evaluate.control import load_images
+from busgen_lib.data.dataset import load_images
 from busgen_lib.evaluate.stats import delong_ci
 from busgen_lib.profiles import get_downstream
 

@@ -13,8 +13,13 @@ Modules (import them directly; nothing is imported eagerly here, so that
 - `phenotype` — a real-data judge of a subtype (DCIS, TNBC-like) and the share of
                generated images it recognises, per model, with McNemar's paired test.
 - `memorisation` — nearest training neighbours, near-copy rates against a
-               real-data threshold, Fréchet distance in probe features, and the
-               deliberately memorising setting that measures CPSample.
+               real-data threshold, Fréchet distance in probe features.
+- `cleaning` — a real-data judge removes generated images whose label it contradicts.
+- `translation` — device translations checked against the phantom's truth.
+- `detection` — AP@0.5 and AP_small (relative-area threshold), bootstrap CIs, paired P.
+- `subgroups`, `forest` — AUC per subgroup with CIs, and its forest plot.
+- `scaling`  — data-scaling curves over a training callable (`training`'s contract).
+- `shortcut` — device-shortcut (data-acquisition bias) splits, tests and ref. 29's estimate.
 - `utility`  — downstream AUC of a classifier trained on a dataset (real,
                generated, cleaned, randomly thinned) on real test images,
                each arm trained with several seeds and tested across them.

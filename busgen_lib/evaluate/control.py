@@ -21,43 +21,13 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import ndimage
-from tqdm.auto import tqdm
 
-from busgen_lib.data.dataset import BUSDataset, boxes_to_mask, load_grayscale
-from busgen_lib.data.manifest import resolve
+from busgen_lib.data.dataset import boxes_to_mask, load_images, load_masks
 from busgen_lib.data.schema import PATHOLOGIES, Box, parse_boxes
 from busgen_lib.evaluate.probes import Probe, Segmenter, train_classifier, train_segmenter
 from busgen_lib.evaluate.stats import proportion_ci
 
 BoxesLike = str | Sequence[Sequence[float]]
-
-
-# --------------------------------------------------------------------------- loading
-
-def load_images(df: pd.DataFrame, size: int, progress: bool = False) -> torch.Tensor:
-    """(N, 1, size, size) images in [-1, 1] of a manifest's rows, through the data layer without augmentation."""
-    dataset = BUSDataset(df, image_size=size, train=False)
-    return torch.stack([dataset[i]["image"] for i in tqdm(range(len(dataset)), disable=not progress,
-                                                           desc="load", unit="img")])
-
-
-def load_masks(df: pd.DataFrame, size: int) -> torch.Tensor:
-    """(N, size, size) bool lesion masks: the `mask` file where a row has one, else its filled boxes.
-
-    Masks are resized like the images (whole image, antialiased) and thresholded
-    at one half. Rows without a mask fall back to their box rectangles, a coarser
-    target, so that datasets with boxes only can still train a segmenter.
-    """
-    has_mask = "mask" in df.columns
-    out = []
-    for i in range(len(df)):
-        if has_mask and str(df["mask"].iloc[i]).strip() not in ("", "nan", "None"):
-            mask = load_grayscale(resolve(df, "mask", i))[None]
-            mask = torch.nn.functional.interpolate(mask, size=(size, size), mode="bilinear", antialias=True)[0, 0]
-            out.append(mask > 0.5)
-        else:
-            out.append(boxes_to_mask(_as_box_tensor(df["boxes"].iloc[i]), size) > 0)
-    return torch.stack(out)
 
 
 def _as_boxes(value: BoxesLike) -> list[Box]:

@@ -32,7 +32,7 @@ from scipy.stats import fisher_exact, wilcoxon
 from sklearn.model_selection import StratifiedGroupKFold
 from statsmodels.stats.contingency_tables import mcnemar
 
-from busgen_lib.evaluate.control import load_images
+from busgen_lib.data.dataset import load_images
 from busgen_lib.evaluate.probes import Probe, train_classifier
 from busgen_lib.evaluate.stats import auc_ci, proportion_ci
 

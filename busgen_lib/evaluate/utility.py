@@ -25,7 +25,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from busgen_lib.errors import DataError, UsageError
-from busgen_lib.evaluate.control import load_images
+from busgen_lib.data.dataset import load_images
 from busgen_lib.evaluate.probes import train_classifier
 from busgen_lib.evaluate.stats import compare_seeded_arms
 

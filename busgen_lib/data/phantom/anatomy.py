@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from busgen_lib.data.phantom.fields import smooth_field
-from busgen_lib.devices.registry import REFERENCE_SIZE
+from busgen_lib.data.devices import REFERENCE_SIZE
 
 # Reflectivity (amplitude, glandular tissue ~ 1) and scatterer density per layer.
 SKIN_REFLECTIVITY = 1.7

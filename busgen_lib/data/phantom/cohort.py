@@ -22,7 +22,7 @@ import numpy as np
 from busgen_lib.data.phantom.anatomy import Anatomy, sample_anatomy
 from busgen_lib.data.phantom.lesions import Lesion, sample_lesion
 from busgen_lib.data.phantom.lexicon import ALN_POSITIVE_RATE, rate_birads, sample_descriptors, sample_subtype
-from busgen_lib.devices.registry import device_names
+from busgen_lib.data.devices import device_names
 
 # Patient-level pathology mix; normal and lesion patients have the same expected
 # number of images, so this is also the image mix.

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from busgen_lib.data.phantom.fields import smooth_field
-from busgen_lib.devices.registry import REFERENCE_SIZE
+from busgen_lib.data.devices import REFERENCE_SIZE
 
 # Lateral semi-axis (fraction of image height) per subtype; node-positive x ALN_SIZE_FACTOR.
 SEMI_AXIS: dict[str, tuple[float, float]] = {

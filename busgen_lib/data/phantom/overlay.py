@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from busgen_lib.devices.registry import REFERENCE_SIZE, DeviceSpec
+from busgen_lib.data.devices import REFERENCE_SIZE, DeviceSpec
 
 GLYPH_SHAPE = (5, 3)         # rows x cols of one character cell at 128 px
 GLYPH_PITCH = (7, 4)         # line and character pitch at 128 px

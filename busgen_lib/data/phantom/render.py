@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from busgen_lib.data.phantom.overlay import draw_overlay
 from busgen_lib.data.phantom.speckle import detect_envelope, simulate_iq
-from busgen_lib.devices.registry import REFERENCE_SIZE, TGC_DEPTHS, DeviceSpec
+from busgen_lib.data.devices import REFERENCE_SIZE, TGC_DEPTHS, DeviceSpec
 
 # Round-trip soft-tissue attenuation over the full image depth, per MHz
 # (0.5 dB/cm/MHz x 2 ways x ~2.5 cm field of view).

@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import fft
 
-from busgen_lib.devices.registry import REFERENCE_SIZE, DeviceSpec
+from busgen_lib.data.devices import REFERENCE_SIZE, DeviceSpec
 
 PSF_SUPPORT_SIGMAS = 3.5   # kernel half-width in PSF sigmas
 FWHM_PER_SIGMA = 2.3548    # Gaussian full width at half maximum / sigma

@@ -27,7 +27,7 @@ from busgen_lib.data.phantom.render import render_image
 from busgen_lib.data.phantom.scene import build_scene
 from busgen_lib.data.schema import BIRADS, COLUMNS, format_boxes
 from busgen_lib.data.splits import assign_splits
-from busgen_lib.devices.registry import get_device
+from busgen_lib.data.devices import get_device
 from busgen_lib.errors import UsageError
 
 DESCRIPTOR_COLUMNS: tuple[str, ...] = (

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from busgen_lib.data.manifest import read_manifest, write_manifest
-from busgen_lib.evaluate.control import load_images
+from busgen_lib.data.dataset import load_images
 from busgen_lib.evaluate.probes import Probe, train_classifier
 from busgen_lib.evaluate.stats import proportion_ci
 

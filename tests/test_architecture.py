@@ -1,0 +1,42 @@
+"""The package layout is a one-way stack (DESIGN.md): a module imports only from layers below its own."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import busgen_lib
+
+PACKAGE = Path(busgen_lib.__file__).parent
+
+# Each layer may import the layers listed for it (and itself); everything may import errors and profiles.
+ALLOWED = {
+    "data": set(),
+    "diffusion": {"data"},
+    "devices": {"data"},
+    "evaluate": {"data", "diffusion", "devices", "plotting"},
+    "downstream": {"data", "evaluate"},
+    "experiments": {"data", "diffusion", "devices", "evaluate", "downstream", "plotting"},
+}
+BASE = {"errors", "profiles"}
+
+
+def _imports() -> list[tuple[str, str, str]]:
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        layer = path.relative_to(PACKAGE).parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("busgen_lib."):
+                found.append((str(path.relative_to(PACKAGE)), layer, node.module.split(".")[1]))
+    return found
+
+
+def test_every_package_imports_only_layers_below_it():
+    wrong = [f"{path} imports busgen_lib.{target}" for path, layer, target in _imports()
+             if layer in ALLOWED and target != layer and target not in ALLOWED[layer] | BASE]
+    assert wrong == []
+
+
+def test_the_check_sees_the_imports_it_judges():
+    seen = {(layer, target) for _, layer, target in _imports()}
+    assert ("diffusion", "data") in seen and ("experiments", "downstream") in seen  # the walk found real edges
