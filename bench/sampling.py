@@ -218,7 +218,7 @@ def bench_training(model: BUSGenUNet, plan: Plan, device: torch.device, bf16: bo
     seconds = [timed(step, device) for _ in range(plan.train_steps)]
     return row("training fwd+bwd+AdamW", images=config.batch_size, batch=config.batch_size, steps=1,
                rows_per_step=config.batch_size, seconds=seconds,
-               note=f"one optimisation step on random data, eq. 1 loss, batch of TRAIN_CONFIGS[{model.config.profile!r}]"
+               note=f"one optimisation step on random data, eq. 1 loss, batch of profiles.PRETRAIN[{model.config.profile!r}]"
                     + (", bf16 autocast" if use_bf16 else ", fp32"))
 
 

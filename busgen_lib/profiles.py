@@ -1,7 +1,11 @@
 """Named run profiles (smoke / demo / paper): the one table every number comes from.
 
 A notebook receives the profile name as a papermill parameter and reads its
-sizes here, so that `PROFILE=paper make figures` scales the whole study.
+sizes here, so that `PROFILE=paper make figures` scales the whole study. In the
+manner of DiT's model registry, one dict per component maps a profile to its
+numbers: `PROFILES` (data and evaluation sizes), `UNET`, `SAMPLING`,
+`PRETRAIN`, `ADAPT`, `CYCLEGAN` (BUSGen, read and validated by the modules that
+use them), `DOWNSTREAM`, `DETECTOR_SETTINGS` and `STUDY` (§4.4's models and studies).
 """
 
 from __future__ import annotations
@@ -52,6 +56,64 @@ def get_profile(name: str, **overrides) -> Profile:
     except KeyError:
         raise UsageError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}") from None
     return replace(profile, **overrides) if overrides else profile
+
+
+# --------------------------------------------------------------------------- BUSGen (§4.3): network, sampler, optimisers
+# The numbers of the diffusion model and its helpers, read by diffusion/model.py (BUSGenConfig, SamplingDefaults),
+# diffusion/train.py and lora.py (TrainConfig) and devices/cyclegan.py (CycleGANConfig), which validate them.
+
+# Network and schedule sizes per run profile (the resolution is the Profile's image_size).
+UNET: dict[str, dict] = {
+    # ≈0.4M at 32 px: CI on CPU in seconds.
+    "smoke": dict(block_out_channels=(24, 48), attention_levels=(False, True), layers_per_block=1,
+                  norm_num_groups=8, offset_noise=0.1),
+    # ≈3.2M at 64 px for a 2-core CPU: compute is dominated by the 64² and 32² levels, so they stay narrow
+    # (16, 48 channels, one res block per level) and the parameters sit at 16² and 8², where attention is cheap.
+    # A (36, 72, 72, 72) two-block shape of the same size costs ≈2.2x the FLOPs per image.
+    # Offset noise 0.1: without it the device (gain, grey map) never reaches the samples (notebook 01).
+    "demo": dict(block_out_channels=(16, 48, 96, 128), attention_levels=(False, False, True, True),
+                 layers_per_block=1, norm_num_groups=16, dropout=0.1, offset_noise=0.1),
+    # The reference network (≈44M here, ≈48M there), see diffusion/model.py; dropout 0.15 as its configs.
+    "paper": dict(block_out_channels=(128, 256, 256, 256), attention_levels=(True, True, True, True),
+                  resample="resnet", time_scale_shift="scale_shift", dropout=0.15),
+}
+
+SAMPLING: dict[str, dict] = {
+    "smoke": dict(steps=6),
+    "demo": dict(steps=15),
+    "paper": dict(),  # reference: DPM-Solver++ singlestep order 3, 50 steps, w = 1.8
+}
+
+PRETRAIN: dict[str, dict] = {
+    "smoke": dict(steps=24, batch_size=8, learning_rate=1e-3, warmup_steps=4, checkpoint_every=12, log_every=4),
+    "demo": dict(steps=1500, batch_size=16, learning_rate=1e-3, warmup_steps=50, checkpoint_every=100),
+    "paper": dict(steps=400_000, batch_size=64, learning_rate=1e-4, warmup_steps=2000, checkpoint_every=5000,
+                  log_every=100),
+}
+
+# Adaptation optimiser settings per profile: few examples, so short runs at a higher rate than pretraining.
+ADAPT: dict[str, dict] = {
+    "smoke": dict(steps=8, batch_size=4, learning_rate=2e-3, warmup_steps=2, checkpoint_every=4, log_every=2,
+                  augment="strong"),
+    "demo": dict(steps=250, batch_size=16, learning_rate=2e-3, warmup_steps=20, checkpoint_every=50,
+                 augment="strong"),
+    "paper": dict(steps=5000, batch_size=32, learning_rate=2e-4, warmup_steps=200, checkpoint_every=500,
+                  log_every=50, augment="strong"),
+}
+
+CYCLEGAN: dict[str, dict] = {
+    # CI: a handful of steps, weights barely matter.
+    "smoke": dict(image_size=32, ngf=8, n_blocks=2, ndf=8, n_layers=2, steps=12, batch_size=2,
+                  checkpoint_every=6),
+    # ~1 minute per translator on one CPU core; a 2-layer PatchGAN (34 px receptive field) is to a 64 px
+    # image roughly what the 70 px one is to 256 px. A higher LR than the reference's: only 300 steps.
+    "demo": dict(image_size=64, ngf=8, n_blocks=3, ndf=16, n_layers=2, steps=300, batch_size=4,
+                 learning_rate=5e-4, checkpoint_every=100),
+    # The reference architecture: ngf 64, 9 residual blocks, the 3-layer 70x70 PatchGAN, batch 1, at the
+    # phantom's paper resolution (256 px, the reference's crop size); 200 epochs of ~1000 images.
+    "paper": dict(image_size=256, ngf=64, n_blocks=9, ndf=64, n_layers=3, steps=200_000, batch_size=1,
+                  checkpoint_every=5000),
+}
 
 
 # --------------------------------------------------------------------------- downstream models (§4.4)

@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from busgen_lib.data.dataset import derive_seed
-from busgen_lib.profiles import get_profile
+from busgen_lib.profiles import CYCLEGAN, get_profile
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -73,7 +73,7 @@ def patch_output_size(image_size: int, n_layers: int) -> int:
 
 @dataclass(frozen=True)
 class CycleGANConfig:
-    """Architecture and optimisation of one translator; defaults per profile in CYCLEGAN_CONFIGS."""
+    """Architecture and optimisation of one translator; defaults per profile in profiles.CYCLEGAN."""
 
     image_size: int              # square side the translator works at (divisible by 4)
     ngf: int                     # generator width after the first c7s1 layer
@@ -101,24 +101,11 @@ class CycleGANConfig:
         return cls(**values)
 
 
-CYCLEGAN_CONFIGS: dict[str, CycleGANConfig] = {
-    # CI: a handful of steps, weights barely matter.
-    "smoke": CycleGANConfig(image_size=32, ngf=8, n_blocks=2, ndf=8, n_layers=2, steps=12, batch_size=2,
-                            checkpoint_every=6),
-    # ~1 minute per translator on one CPU core; a 2-layer PatchGAN (34 px receptive field) is to a 64 px
-    # image roughly what the 70 px one is to 256 px. A higher LR than the reference's: only 300 steps.
-    "demo": CycleGANConfig(image_size=64, ngf=8, n_blocks=3, ndf=16, n_layers=2, steps=300, batch_size=4,
-                           learning_rate=5e-4, checkpoint_every=100),
-    # The reference architecture: ngf 64, 9 residual blocks, the 3-layer 70x70 PatchGAN, batch 1, at the
-    # phantom's paper resolution (256 px, the reference's crop size); 200 epochs of ~1000 images.
-    "paper": CycleGANConfig(image_size=256, ngf=64, n_blocks=9, ndf=64, n_layers=3, steps=200_000, batch_size=1,
-                            checkpoint_every=5000),
-}
 
 
 def cyclegan_config(profile: str, **overrides: Any) -> CycleGANConfig:
     """The profile's translator configuration, optionally with some fields replaced."""
-    config = CYCLEGAN_CONFIGS[get_profile(profile).name]
+    config = CycleGANConfig(**CYCLEGAN[get_profile(profile).name])
     return replace(config, **overrides) if overrides else config
 
 

@@ -40,6 +40,7 @@ from busgen_lib.diffusion.train import (BOX_PRIOR_FILE, TrainConfig, check_run_s
                                         file_digest, fit, fit_box_prior, make_accelerator, refuse_overwrite,
                                         train_dataset)
 from busgen_lib.errors import DataError, UsageError
+from busgen_lib.profiles import ADAPT, get_profile
 
 ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter.safetensors"
 ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -76,15 +77,6 @@ class AdapterConfig:
                           lora_dropout=self.dropout, target_modules=pattern)
 
 
-# Adaptation optimiser settings per profile: few examples, so short runs at a higher rate than pretraining.
-ADAPT_CONFIGS: dict[str, TrainConfig] = {
-    "smoke": TrainConfig(steps=8, batch_size=4, learning_rate=2e-3, warmup_steps=2, checkpoint_every=4, log_every=2,
-                         augment="strong"),
-    "demo": TrainConfig(steps=250, batch_size=16, learning_rate=2e-3, warmup_steps=20, checkpoint_every=50,
-                        augment="strong"),
-    "paper": TrainConfig(steps=5000, batch_size=32, learning_rate=2e-4, warmup_steps=200, checkpoint_every=500,
-                         log_every=50, augment="strong"),
-}
 
 
 # --------------------------------------------------------------------------- adapters on a live model
@@ -224,7 +216,7 @@ def load_adapted_model(model_dir: str | Path, adapter_dir: str | Path, merge: bo
 # --------------------------------------------------------------------------- training
 
 def adapt_config(profile: str, **overrides: Any) -> TrainConfig:
-    config = ADAPT_CONFIGS[profile]
+    config = TrainConfig(**ADAPT[get_profile(profile).name])
     return check_train_config(replace(config, **overrides) if overrides else config)
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from busgen_lib.data.dataset import boxes_to_mask
 from busgen_lib.diffusion.conditions import ConditionEncoder
-from busgen_lib.profiles import get_profile
+from busgen_lib.profiles import SAMPLING, UNET, get_profile
 
 ARCHITECTURE = "busgen-unet2d-v1"
 
@@ -139,23 +139,6 @@ class BUSGenConfig:
 
 # --------------------------------------------------------------------------- profile tables
 
-# Network and schedule sizes per run profile (the resolution comes from profiles.py).
-MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    # ≈0.4M at 32 px: CI on CPU in seconds.
-    "smoke": dict(block_out_channels=(24, 48), attention_levels=(False, True), layers_per_block=1,
-                  norm_num_groups=8, offset_noise=0.1),
-    # ≈3.2M at 64 px for a 2-core CPU: compute is dominated by the 64² and 32² levels, so they stay narrow
-    # (16, 48 channels, one res block per level) and the parameters sit at 16² and 8², where attention is cheap.
-    # A (36, 72, 72, 72) two-block shape of the same size costs ≈2.2x the FLOPs per image.
-    # Offset noise 0.1: without it the device (gain, grey map) never reaches the samples (notebook 01).
-    "demo": dict(block_out_channels=(16, 48, 96, 128), attention_levels=(False, False, True, True),
-                 layers_per_block=1, norm_num_groups=16, dropout=0.1, offset_noise=0.1),
-    # The reference network (≈44M here, ≈48M there), see the module docstring; dropout 0.15 as its configs.
-    "paper": dict(block_out_channels=(128, 256, 256, 256), attention_levels=(True, True, True, True),
-                  resample="resnet", time_scale_shift="scale_shift", dropout=0.15),
-}
-
-
 @dataclass(frozen=True)
 class SamplingDefaults:
     """Sampler settings per profile; `sample.sample` takes them as keyword arguments."""
@@ -166,17 +149,13 @@ class SamplingDefaults:
     guidance: float = 1.8
 
 
-SAMPLING_DEFAULTS: dict[str, SamplingDefaults] = {
-    "smoke": SamplingDefaults(steps=6),
-    "demo": SamplingDefaults(steps=15),
-    "paper": SamplingDefaults(),  # reference: DPM-Solver++ singlestep order 3, 50 steps, w = 1.8
-}
+SAMPLING_DEFAULTS: dict[str, SamplingDefaults] = {name: SamplingDefaults(**values) for name, values in SAMPLING.items()}
 
 
 def config_for_profile(profile: str, device_names: tuple[str, ...] | list[str], **overrides: Any) -> BUSGenConfig:
     """The model configuration of a run profile; `overrides` replace single fields (e.g. box_mode)."""
     prof = get_profile(profile)
-    sizes = MODEL_CONFIGS[prof.name]
+    sizes = UNET[prof.name]
     config = BUSGenConfig(profile=prof.name, image_size=prof.image_size, device_names=tuple(device_names),
                           max_boxes=prof.max_boxes, **sizes)
     return replace(config, **overrides) if overrides else config

@@ -32,14 +32,14 @@ from busgen_lib.diffusion.checkpoint import latest_checkpoint, load_checkpoint, 
 from busgen_lib.diffusion.model import BUSGenUNet, config_for_profile
 from busgen_lib.diffusion.schedule import ddpm_scheduler, diffusion_loss
 from busgen_lib.errors import DataError, UsageError
-from busgen_lib.profiles import get_profile
+from busgen_lib.profiles import PRETRAIN, get_profile
 
 BOX_PRIOR_FILE = "box_prior.json"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings; defaults per profile in TRAIN_CONFIGS (reference: no EMA)."""
+    """Optimisation settings; defaults per profile in profiles.PRETRAIN (reference: no EMA)."""
 
     steps: int
     batch_size: int                 # global batch, split evenly over processes
@@ -56,16 +56,10 @@ class TrainConfig:
     seed: int = 0
 
 
-TRAIN_CONFIGS: dict[str, TrainConfig] = {
-    "smoke": TrainConfig(steps=24, batch_size=8, learning_rate=1e-3, warmup_steps=4, checkpoint_every=12, log_every=4),
-    "demo": TrainConfig(steps=1500, batch_size=16, learning_rate=1e-3, warmup_steps=50, checkpoint_every=100),
-    "paper": TrainConfig(steps=400_000, batch_size=64, learning_rate=1e-4, warmup_steps=2000, checkpoint_every=5000,
-                         log_every=100),
-}
 
 
 def train_config(profile: str, **overrides: Any) -> TrainConfig:
-    config = TRAIN_CONFIGS[get_profile(profile).name]
+    config = TrainConfig(**PRETRAIN[get_profile(profile).name])
     return check_train_config(replace(config, **overrides) if overrides else config)
 
 
