@@ -69,7 +69,7 @@ def test_in_memory_samples_are_the_written_files(smoke_model, tmp_path):
     files = np.stack([_pixels(written, i) for i in range(3)])
     assert np.abs((images[:, 0].numpy() + 1) * 127.5 - files).max() <= 1.0 + 1e-4
     half = sample_images(model, plan, size=model.config.image_size // 2, steps=3, guidance=1.8,
-                         sampler="dpmsolver++-singlestep", order=3, progress=False)
+                         sampler="dpmsolver++-singlestep", order=3, batch_size=2, progress=False)
     # the same (uint8-quantised) samples, resized like the data layer resizes: antialiased bilinear
     reference = torch.nn.functional.interpolate(images, size=(model.config.image_size // 2,) * 2, mode="bilinear",
                                                 antialias=True)

@@ -156,7 +156,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register `downstream train|evaluate` on a top-level parser's subparsers."""
     parser = subparsers.add_parser("downstream", help="train and evaluate diagnostic models (BUS-DM, Baseline-CLIP, "
                                                       "detector) on any manifest")
-    sub = parser.add_subparsers(dest="downstream_command", required=True)
+    sub = parser.add_subparsers(dest="downstream_command", required=True,
+                                help="train: fit a model on manifests; evaluate: score a test manifest with it")
 
     p = sub.add_parser("train", help="train a model for a task on one or more manifests")
     p.add_argument("--task", required=True,

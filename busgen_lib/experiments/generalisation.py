@@ -24,12 +24,15 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from PIL import Image
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm.auto import tqdm
 
+from busgen_lib import plotting
 from busgen_lib.data import catalog
 from busgen_lib.data.manifest import read_manifest, resolve
+from busgen_lib.data.schema import parse_boxes
 from busgen_lib.evaluate.scaling import mean_ci
 from busgen_lib.evaluate.stats import auc_ci, delong_test
 from busgen_lib.evaluate.training import TrainFn, probabilities
@@ -230,3 +233,16 @@ def roc_figure(scores: pd.DataFrame, paper: Mapping[str, float] | None = None) -
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def example_figure(real: pd.DataFrame, generated: pd.DataFrame, seed: int = 0) -> plt.Figure:
+    """Real and generated images side by side, one per (source, pathology) row and device column, boxes outlined."""
+    cells, boxes = {}, {}
+    for source, df in (("real", real), ("generated", generated)):
+        for (pathology, device), g in task_rows(df).groupby(["pathology", "device"]):
+            row = g.sample(n=1, random_state=seed).iloc[0]
+            key = (f"{source} {pathology}", str(device))
+            cells[key] = np.asarray(Image.open(row["image"]).convert("L"))
+            boxes[key] = parse_boxes(row["boxes"])
+    rows = [f"{s} {p}" for s in ("real", "generated") for p in TASK]
+    return plotting.image_grid(cells, rows, sorted({k[1] for k in cells}), boxes=boxes)
