@@ -49,13 +49,18 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+def _lookup(table: dict, profile: str, **overrides):
+    """`table[profile]`, optionally with some fields replaced; an unknown profile is a usage error."""
+    try:
+        entry = table[profile]
+    except KeyError:
+        raise UsageError(f"unknown profile {profile!r}; choose one of {', '.join(table)}") from None
+    return replace(entry, **overrides) if overrides else entry
+
+
 def get_profile(name: str, **overrides) -> Profile:
     """Look up a profile by name, optionally overriding fields (e.g. from a notebook)."""
-    try:
-        profile = PROFILES[name]
-    except KeyError:
-        raise UsageError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}") from None
-    return replace(profile, **overrides) if overrides else profile
+    return _lookup(PROFILES, name, **overrides)
 
 
 # --------------------------------------------------------------------------- BUSGen (§4.3): network, sampler, optimisers
@@ -167,10 +172,7 @@ DOWNSTREAM: dict[str, DownstreamProfile] = {
 
 def get_downstream(profile: str) -> DownstreamProfile:
     """The downstream-model settings of a profile (smoke / demo / paper)."""
-    try:
-        return DOWNSTREAM[profile]
-    except KeyError:
-        raise UsageError(f"unknown profile {profile!r}; choose one of {', '.join(DOWNSTREAM)}") from None
+    return _lookup(DOWNSTREAM, profile)
 
 
 # --------------------------------------------------------------------------- detector (Fig 3a–c, §4.4.1)
@@ -211,11 +213,7 @@ DETECTOR_SETTINGS: dict[str, DetectorSettings] = {
 
 def detector_settings(profile: str, **overrides) -> DetectorSettings:
     """The detector's settings under `profile`, optionally overriding fields."""
-    try:
-        settings = DETECTOR_SETTINGS[profile]
-    except KeyError:
-        raise UsageError(f"unknown profile {profile!r}; choose one of {', '.join(DETECTOR_SETTINGS)}") from None
-    return replace(settings, **overrides) if overrides else settings
+    return _lookup(DETECTOR_SETTINGS, profile, **overrides)
 
 
 # --------------------------------------------------------------------------- studies (notebooks 05, 07)
@@ -246,7 +244,4 @@ STUDY: dict[str, StudySettings] = {
 
 def get_study(profile: str) -> StudySettings:
     """The downstream studies' sizes under `profile`."""
-    try:
-        return STUDY[profile]
-    except KeyError:
-        raise UsageError(f"unknown profile {profile!r}; choose one of {', '.join(STUDY)}") from None
+    return _lookup(STUDY, profile)
