@@ -12,6 +12,7 @@ absolute.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tempfile
@@ -457,3 +458,11 @@ def not_a_regular_file(path: Path) -> str | None:
     if not stat.S_ISREG(mode):
         return f"{path} is not a regular file (a FIFO, socket or device); copy the image to a regular file"
     return None
+
+
+def rows_fingerprint(df: pd.DataFrame, columns: Iterable[str] | None = None) -> str:
+    """SHA-256 of a table's rows in order (the given columns where present, else all): which data a model or a
+    stored result came from, whatever file the rows were read from."""
+    names = list(df.columns) if columns is None else [c for c in columns if c in df]
+    text = "\n".join("\t".join(row) for row in df[names].astype(str).itertuples(index=False, name=None))
+    return hashlib.sha256(text.encode()).hexdigest()

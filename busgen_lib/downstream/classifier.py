@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from busgen_lib.downstream.tasks import Task
+from busgen_lib.data.manifest import rows_fingerprint
 from busgen_lib.downstream.training import (as_inputs, augment_batch, balanced_batches, classification_augment,
-                                            frame_sha256, manifest_record, train_loop)
+                                            manifest_record, train_loop)
 from busgen_lib.errors import UsageError
 from busgen_lib.profiles import DownstreamProfile, get_downstream
 
@@ -111,7 +112,7 @@ def make_record(kind: str, task: Task, settings: DownstreamProfile, profile: str
     return {"model": kind, "task": str(task), "backbone": settings.backbone,
             "backbone_kwargs": dict(settings.backbone_kwargs), "input_size": settings.input_size,
             "profile": profile, "seed": seed, "lr": lr, "epochs": epochs,
-            "n_train": int(len(y)), "n_positive": int(y.sum()), "train_rows_sha256": frame_sha256(rows),
+            "n_train": int(len(y)), "n_positive": int(y.sum()), "train_rows_sha256": rows_fingerprint(rows),
             "manifests": manifest_record(sources)}
 
 

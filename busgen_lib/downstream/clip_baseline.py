@@ -25,8 +25,9 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 from busgen_lib.downstream.classifier import DiagnosticModel, create_backbone, fit_classifier, make_record
 from busgen_lib.downstream.tasks import Task
+from busgen_lib.data.manifest import rows_fingerprint
 from busgen_lib.downstream.training import (as_inputs, augment_batch, classification_augment, file_sha256,
-                                            frame_sha256, train_loop)
+                                            train_loop)
 from busgen_lib.errors import DataError
 from busgen_lib.profiles import DownstreamProfile, get_downstream
 
@@ -152,7 +153,7 @@ def train_baseline_clip(train_df: pd.DataFrame, task: Task, profile: str, seed: 
     network.reset_classifier(2)  # the linear head on the CLIP image trunk (timm's classifier)
     fit_classifier(network, as_inputs(rows, settings.input_size), y, settings, lr, epochs, seed, progress)
     record = make_record("baseline-clip", task, settings, profile, seed, lr, epochs, rows, y, sources)
-    record["clip"] = {"pretrain_rows": len(corpus), "pretrain_rows_sha256": frame_sha256(corpus),
+    record["clip"] = {"pretrain_rows": len(corpus), "pretrain_rows_sha256": rows_fingerprint(corpus),
                       "clip_epochs": settings.clip_epochs, "embed_dim": settings.clip_embed_dim,
                       "weights": None if clip_weights is None else {"path": str(Path(clip_weights).resolve()),
                                                                     "sha256": file_sha256(clip_weights)}}

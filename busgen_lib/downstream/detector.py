@@ -11,7 +11,6 @@ targets), so the detector learns to stay silent on them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from busgen_lib.data.augment import prepare
 from busgen_lib.data.dataset import derive_seed, load_grayscale
-from busgen_lib.data.manifest import resolve
+from busgen_lib.data.manifest import resolve, rows_fingerprint
 from busgen_lib.errors import DataError
 from busgen_lib.evaluate.detection import Prediction, lesion_boxes, scorable_rows
 from busgen_lib.profiles import DetectorSettings, detector_settings
@@ -119,11 +118,6 @@ class DetectionDataset(Dataset):
 
 def _collate(batch: list) -> tuple[list, list]:
     return tuple(map(list, zip(*batch)))
-
-
-def manifest_fingerprint(df: pd.DataFrame) -> str:
-    """SHA-256 of the image paths and boxes, in order: which data a saved detector was trained on."""
-    return hashlib.sha256(df[["image", "boxes"]].astype(str).to_csv(index=False).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- the detector
@@ -211,4 +205,4 @@ def train_detector(train_df: pd.DataFrame, profile: str, seed: int = 0, progress
                 schedule.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-    return Detector(model, settings, profile, seed, manifest_fingerprint(df))
+    return Detector(model, settings, profile, seed, rows_fingerprint(df, ("image", "boxes")))

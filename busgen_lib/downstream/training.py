@@ -116,11 +116,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def frame_sha256(df: pd.DataFrame) -> str:
-    """A content fingerprint of the training rows themselves (whatever file they came from)."""
-    return hashlib.sha256(pd.util.hash_pandas_object(df.astype(str), index=False).to_numpy().tobytes()).hexdigest()
-
-
 def manifest_record(sources: Sequence[str | Path]) -> list[dict[str, str]]:
     """[{path, sha256}] of the training manifests, for a model folder's record."""
     return [{"path": str(Path(s).resolve()), "sha256": file_sha256(s)} for s in sources]

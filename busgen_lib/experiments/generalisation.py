@@ -16,7 +16,6 @@ so the study runs with BUS-DM, Baseline-CLIP or any user model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from busgen_lib import plotting
 from busgen_lib.data import catalog
-from busgen_lib.data.manifest import read_manifest, resolve
+from busgen_lib.data.manifest import read_manifest, resolve, rows_fingerprint
 from busgen_lib.data.schema import parse_boxes
 from busgen_lib.evaluate.scaling import mean_ci
 from busgen_lib.evaluate.stats import auc_ci, delong_test
@@ -101,9 +100,7 @@ def design(pool: str | Path, held_out_manifest: str | Path, generated: str | Pat
 
 def digest(df: pd.DataFrame) -> str:
     """A short fingerprint of which images with which labels a table holds (for resumable results)."""
-    columns = [c for c in ("image", "pathology", "boxes") if c in df]
-    text = df[columns].astype(str).agg("\t".join, axis=1).str.cat(sep="\n")
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return rows_fingerprint(df, ("image", "pathology", "boxes"))[:16]
 
 
 def score_arms(arms: Mapping[str, pd.DataFrame], tests: Mapping[str, pd.DataFrame], train_fn: TrainFn,
