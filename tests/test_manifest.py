@@ -219,3 +219,13 @@ def test_concat_manifests_rebases_paths_and_validates_the_union(tmp_path):
     with pytest.raises(ManifestError, match="row 6:image: same image as row 1"):
         concat_manifests([first, first], tmp_path / "m" / "twice.csv")
     assert not (tmp_path / "m" / "twice.csv").exists()
+
+
+def test_rows_fingerprint_follows_the_chosen_columns_and_takes_missing_values():
+    from busgen_lib.data.manifest import rows_fingerprint
+
+    df = pd.DataFrame({"image": ["a.png", "b.png"], "pathology": ["benign", None], "extra": [1.0, float("nan")]})
+    assert rows_fingerprint(df) == rows_fingerprint(df.copy())
+    assert rows_fingerprint(df, ("image",)) == rows_fingerprint(df.assign(extra=[2.0, 3.0]), ("image", "missing"))
+    assert rows_fingerprint(df) != rows_fingerprint(df.assign(extra=[2.0, 3.0]))
+    assert rows_fingerprint(df) != rows_fingerprint(df.iloc[::-1])  # row order counts

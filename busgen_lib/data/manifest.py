@@ -464,5 +464,5 @@ def rows_fingerprint(df: pd.DataFrame, columns: Iterable[str] | None = None) -> 
     """SHA-256 of a table's rows in order (the given columns where present, else all): which data a model or a
     stored result came from, whatever file the rows were read from."""
     names = list(df.columns) if columns is None else [c for c in columns if c in df]
-    text = "\n".join("\t".join(row) for row in df[names].astype(str).itertuples(index=False, name=None))
+    text = "\n".join("\t".join(map(str, row)) for row in df[names].astype(str).itertuples(index=False, name=None))
     return hashlib.sha256(text.encode()).hexdigest()
