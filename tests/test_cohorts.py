@@ -1,5 +1,7 @@
 """Adaptation cohorts: held-out phenotypes never reach pretraining; few-shot sets spread over patients."""
 
+import json
+
 import pytest
 
 from busgen_lib.data import catalog
@@ -34,6 +36,20 @@ def test_few_shot_is_deterministic_and_spread_over_patients(tiny_phantom):
     with pytest.raises(ValueError, match="only"):
         few_shot(df, len(train) + 1)
     assert len(few_shot(df, len(train) + 1, allow_fewer=True)) == len(train)
+
+
+def test_a_phantom_of_an_older_version_is_rendered_again(tmp_path, monkeypatch):
+    from busgen_lib.data.phantom import writer
+
+    manifest = catalog.phantom_dataset("smoke", tmp_path)
+    first = manifest.stat().st_mtime_ns
+    assert catalog.phantom_dataset("smoke", tmp_path).stat().st_mtime_ns == first   # current: reused
+    monkeypatch.setattr(writer, "PHANTOM_VERSION", writer.PHANTOM_VERSION + 1)
+    catalog.phantom_dataset("smoke", tmp_path)
+    assert manifest.stat().st_mtime_ns != first
+    cohorts = catalog.phantom_cohorts("smoke", tmp_path, held_out=("dcis",))   # cohorts follow the new render
+    assert json.loads((manifest.parent / "cohorts.json").read_text())["source"]["version"] == writer.PHANTOM_VERSION
+    assert set(read_manifest(cohorts["pretrain"])["image"]) <= set(read_manifest(manifest)["image"])
 
 
 def test_catalog_writes_cohort_manifests_once(tmp_path):

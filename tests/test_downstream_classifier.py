@@ -161,3 +161,17 @@ def test_repeats_train_one_model_per_seed(bright_dark):
     rows, y = Task.parse("benign-malignant").select(test)
     assert result.table["auc"].tolist() == [roc_auc_score(y, m.predict_proba(rows)) for m in result.models]
     assert result.summary()["mean_auc"] == pytest.approx(result.table["auc"].mean())
+
+
+def test_a_train_fn_recipe_names_the_model_its_settings_and_its_tables():
+    from busgen_lib.downstream.recipes import train_fn
+    from busgen_lib.evaluate.training import recipe_of
+
+    task = Task.parse("benign-malignant")
+    smoke, demo = train_fn("bus-dm", task, "smoke").recipe, train_fn("bus-dm", task, "demo").recipe
+    assert smoke["settings"]["backbone_kwargs"] == get_downstream("smoke").backbone_kwargs
+    assert smoke["settings"] != demo["settings"] and train_fn("baseline-clip", task, "smoke").recipe != smoke
+    table = pd.DataFrame({"image": ["a.png"], "pathology": ["benign"]})
+    with_table = recipe_of(train_fn("baseline-clip", task, "smoke", pretrain_df=table))
+    other = recipe_of(train_fn("baseline-clip", task, "smoke", pretrain_df=table.assign(pathology="malignant")))
+    assert len(with_table["options"]["pretrain_df"]) == 64 and with_table != other   # tables by SHA-256

@@ -66,6 +66,9 @@ def test_score_arms_trains_each_arm_and_seed_once_and_resumes(tmp_path):
     arms[g.GENERATED] = pd.DataFrame({"image": ["c", "e"], "pathology": ["benign", "malignant"]})
     g.score_arms(arms, tests, train_fn, [0, 1, 2], tmp_path, progress=False)
     assert len(calls) == 9 and {c[0] for c in calls[6:]} == {("c", "e")}  # only the changed arm retrains
+    train_fn.recipe = {"model": "another backbone"}
+    g.score_arms(arms, tests, train_fn, [0], tmp_path, progress=False)
+    assert len(calls) == 11  # another model retrains every arm
 
     per_seed = g.auc_by_seed(scores)
     one = scores[(scores["arm"] == g.REAL) & (scores["test"] == "external") & (scores["seed"] == 1)]

@@ -94,6 +94,23 @@ def test_a_killed_run_resumes_without_redoing_finished_fits(tmp_path):
         scaling_curve(counting, pool, test, [4], 1, path, seed=5, progress=False)
 
 
+def test_results_of_another_pool_test_set_or_recipe_are_refused(tmp_path):
+    pool, test, path = _pool(), _pool(n_patients=30, seed=9), tmp_path / "r.csv"
+    scaling_curve(_sigmoid_of_x, pool, test, [4], 1, path, progress=False)
+    with pytest.raises(UsageError, match="another pool"):
+        scaling_curve(_sigmoid_of_x, _pool(seed=3), test, [4], 1, path, progress=False)
+    with pytest.raises(UsageError, match="another test"):
+        scaling_curve(_sigmoid_of_x, pool, _pool(n_patients=30, seed=4), [4], 1, path, progress=False)
+
+    def other_model(train, seed):
+        return _sigmoid_of_x(train, seed)
+
+    other_model.recipe = {"model": "other"}
+    with pytest.raises(UsageError, match="another recipe"):
+        scaling_curve(other_model, pool, test, [4], 1, path, progress=False)
+    assert len(pd.read_csv(path)) == 1   # nothing mixed in
+
+
 def test_summary_is_the_t_interval_across_repeats():
     results = pd.DataFrame({"name": "g", "size": [10] * 4 + [20] * 4, "repeat": [0, 1, 2, 3] * 2,
                             "auc": [.6, .7, .65, .62, .8, .82, .79, .85], "loss": [.7, .6, .65, .66, .5, .45, .52, .4]})

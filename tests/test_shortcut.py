@@ -14,7 +14,7 @@ from busgen_lib.data.manifest import resolve
 from busgen_lib.errors import UsageError
 from busgen_lib.evaluate.shortcut import (
     TESTS, balanced_counterpart_plan, confounded_split, dab_estimate, pixel_shuffled, shortcut_report,
-    shortcut_summary,
+    remedy_study, shortcut_summary,
 )
 
 DEVICES = [f"d{k}" for k in range(6)]
@@ -91,6 +91,30 @@ def test_summary_drop_is_the_paired_mean_over_seeds():
     summary = shortcut_summary(report).set_index("test")
     assert summary.loc["deconfounded", "drop_from_confounded"] == pytest.approx(0.2)
     assert summary.loc["deconfounded", "auc"] == pytest.approx(0.65)
+
+
+def _label_and_group(train, seed):
+    """Logistic regression on the label feature x and the device group: it uses the group as far as training lets it."""
+    features = lambda rows: np.column_stack([rows.x, rows.device_group == "B"])
+    model = LogisticRegression().fit(features(train), train.pathology == "malignant")
+    return lambda rows: model.predict_proba(features(rows))[:, 1]
+
+
+def test_balanced_generated_data_removes_the_device_shortcut():
+    strength = 0.8
+    real, generated = _table(seed=3), _table(n=2000, seed=4)   # generated: device independent of pathology
+    summary, biased, tests = remedy_study(_label_and_group, real, generated, strength, seeds=[0, 1], seed=5, n_boot=20)
+    drop = summary.xs("anti-confounded", level="test")["drop_from_confounded"]
+    # Without the shortcut a model scores alike on every test (the label feature has no device in it); the
+    # biased one loses a large share of its confounded AUC when the correlation flips.
+    assert drop["real, device-confounded"] > 0.1
+    assert abs(drop["generated, balanced"]) < 0.03
+    assert set(biased.split) == {"train"} and biased.attrs["phi"] == pytest.approx(strength, abs=0.01)
+
+
+def test_too_few_generated_images_for_the_remedy_are_refused():
+    with pytest.raises(UsageError, match="generate more images"):
+        remedy_study(_group_only, _table(seed=3), _table(n=50, seed=4), 0.8, seeds=[0], seed=5, n_boot=20)
 
 
 # ---------------------------------------------------------------- ref. 29: pixel shuffling

@@ -27,12 +27,17 @@ def _stamp(out: Path, params: dict) -> None:
 
 
 def phantom_dataset(profile: str, runs_dir: str | Path, seed: int = 0) -> Path:
-    """The profile's phantom dataset (rendered on first use); returns its manifest."""
-    from busgen_lib.data.phantom import write_phantom
+    """The profile's phantom dataset (rendered on first use, and again when the phantom's rules changed).
+
+    Returns its manifest. The stamp holds the phantom's `PHANTOM_VERSION`, so a
+    dataset rendered by an older phantom (other lesions, fewer columns) is
+    never reused by newer code.
+    """
+    from busgen_lib.data.phantom.writer import PHANTOM_VERSION, write_phantom
 
     p = get_profile(profile)
     out = Path(runs_dir) / "data" / "phantom"
-    params = {"n": p.phantom_images, "size": p.phantom_size, "seed": seed}
+    params = {"n": p.phantom_images, "size": p.phantom_size, "seed": seed, "version": PHANTOM_VERSION}
     if not _is_current(out, params):
         write_phantom(out, n=p.phantom_images, size=p.phantom_size, seed=seed, replace=True)
         _stamp(out, params)

@@ -11,6 +11,7 @@ stopped.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from sklearn.metrics import log_loss, roc_auc_score
 from tqdm.auto import tqdm
 
 from busgen_lib.data.dataset import derive_seed
+from busgen_lib.data.manifest import rows_fingerprint
 from busgen_lib.errors import UsageError
-from busgen_lib.evaluate.training import SEED_LIMIT, TrainFn, probabilities
+from busgen_lib.evaluate.training import SEED_LIMIT, TrainFn, probabilities, recipe_of
 from busgen_lib.evaluate.utility import binary_task
 
 RESULT_COLUMNS = ("name", "size", "repeat", "seed", "n_train", "n_pos_train", "n_patients", "auc", "loss")
@@ -69,7 +71,9 @@ def scaling_curve(train_fn: TrainFn, pool: pd.DataFrame, test_df: pd.DataFrame, 
     """One row per (size, repeat): training set counts, test AUC and test loss (sklearn log_loss).
 
     Rows already in `results_csv` (from an interrupted run with the same seed)
-    are kept and skipped; every new row is appended as soon as it is done.
+    are kept and skipped; every new row is appended as soon as it is done. A
+    results file of another pool, test set or TrainFn recipe (its `.json`
+    stamp) is refused rather than mixed in.
     `name` labels the arm (e.g. "real", "generated") for plotting several curves.
     """
     if repeats < 1 or not sizes or min(sizes) < 2:
@@ -78,6 +82,8 @@ def scaling_curve(train_fn: TrainFn, pool: pd.DataFrame, test_df: pd.DataFrame, 
     if y_test.min(initial=1) == y_test.max(initial=0):
         raise UsageError(f"the test set needs both {negative!r} and {positive!r} rows in {column!r}")
     path = Path(results_csv)
+    _check_stamp(path, {"pool": rows_fingerprint(pool), "test": rows_fingerprint(test_df),
+                        "recipe": recipe_of(train_fn)})
     done = _load_results(path, seed)
     jobs = [(int(s), r) for s in sorted(set(sizes)) for r in range(repeats)]
     todo = [job for job in jobs if job not in set(zip(done["size"], done["repeat"]))]
@@ -94,6 +100,18 @@ def scaling_curve(train_fn: TrainFn, pool: pd.DataFrame, test_df: pd.DataFrame, 
     results = _load_results(path, seed)
     wanted = pd.MultiIndex.from_tuples(jobs, names=["size", "repeat"])
     return results.set_index(["size", "repeat"]).loc[wanted].reset_index()[list(RESULT_COLUMNS)]
+
+
+def _check_stamp(path: Path, stamp: dict) -> None:
+    """Write the results file's stamp, or refuse results made from other data or another model."""
+    stamp_path = path.with_suffix(".json")
+    if path.exists():
+        saved = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
+        if differ := [key for key in stamp if saved.get(key) != stamp[key]]:
+            raise UsageError(f"{path} holds results of another {' and '.join(differ)}; write to a new results file, "
+                             "or delete it to start again")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp_path.write_text(json.dumps(stamp))
 
 
 def _load_results(path: Path, seed: int) -> pd.DataFrame:

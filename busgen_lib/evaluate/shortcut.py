@@ -206,6 +206,32 @@ def dab_estimate(train_fn: TrainFn, train_df: pd.DataFrame, test_df: pd.DataFram
     return pd.DataFrame(rows)
 
 
+def remedy_study(train_fn: TrainFn, real_df: pd.DataFrame, generated_df: pd.DataFrame, strength: float,
+                 seeds: Sequence[int], seed: int = 0, n_boot: int = 1000,
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
+    """The shortcut with and without generated data (Supplementary §6): (summary, biased training set, tests).
+
+    Two training sets of one size, scored on the same real confounded,
+    deconfounded and anti-confounded tests: real images whose device group
+    predicts the label (phi = `strength`), and generated images of the same
+    device groups, balanced over pathology x device as BUSGen samples them.
+    A model that leans on the device drops from the first test to the last; the
+    summary gives that drop per training set, paired by seed.
+    """
+    biased, tests = confounded_split(real_df, strength, seed)
+    a, b = biased.attrs["groups"]
+    balanced = generated_df[generated_df["device"].astype(str).isin([*a, *b])]
+    if len(balanced) < len(biased):
+        raise UsageError(f"the generated set has {len(balanced)} images of the biased set's {len(a) + len(b)} devices, "
+                         f"fewer than its {len(biased)}; generate more images")
+    balanced = balanced.sample(n=len(biased), random_state=seed)
+    balanced = balanced.assign(**{GROUP_COLUMN: np.where(balanced["device"].astype(str).isin(a), "A", "B")})
+    arms = {"real, device-confounded": biased, "generated, balanced": balanced}
+    summary = pd.concat({name: shortcut_summary(shortcut_report(train_fn, df, tests, seeds, n_boot=n_boot)).set_index("test")
+                         for name, df in arms.items()}, names=["training set"])
+    return summary, biased, tests
+
+
 # --------------------------------------------------------------------------- the generated-data arm
 
 def balanced_counterpart_plan(train_df: pd.DataFrame, n: int | None = None, *, negative: str = "benign",

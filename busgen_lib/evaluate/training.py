@@ -8,7 +8,9 @@ The rows are manifest rows (image paths resolve against `df.attrs["root"]`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,3 +32,12 @@ def probabilities(score_fn: ScoreFn, rows: pd.DataFrame) -> np.ndarray:
         raise UsageError("the score function must return probabilities in [0, 1] (e.g. a softmax or sigmoid), "
                          f"got values from {np.nanmin(p):.4g} to {np.nanmax(p):.4g}")
     return p
+
+
+def recipe_of(train_fn: TrainFn) -> dict[str, Any]:
+    """What a TrainFn says it trains (its `recipe` attribute: model, profile, settings), as JSON would store it.
+
+    Resumable results are stamped with it, so a changed backbone or setting
+    never reuses scores of the old one; a plain callable has the empty recipe.
+    """
+    return json.loads(json.dumps(getattr(train_fn, "recipe", {}), default=str))

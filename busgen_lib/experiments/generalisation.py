@@ -34,7 +34,7 @@ from busgen_lib.data.manifest import read_manifest, resolve, rows_fingerprint
 from busgen_lib.data.schema import parse_boxes
 from busgen_lib.evaluate.scaling import mean_ci
 from busgen_lib.evaluate.stats import auc_ci, delong_test
-from busgen_lib.evaluate.training import TrainFn, probabilities
+from busgen_lib.evaluate.training import TrainFn, probabilities, recipe_of
 
 TASK = ("benign", "malignant")  # negative, positive
 REAL, GENERATED, BOTH = "real", "generated", "generated + real"
@@ -109,11 +109,12 @@ def score_arms(arms: Mapping[str, pd.DataFrame], tests: Mapping[str, pd.DataFram
     """Train `train_fn` on every arm with every seed and score every test set; one row per (arm, seed, test image).
 
     Each (arm, seed) is written to `out_dir/<model_name>/<arm>/seed<k>.csv` as it
-    finishes, stamped with the digests of its training and test rows, so a rerun
-    after a kill trains only what is missing and never reuses scores of other data.
+    finishes, stamped with the digests of its training and test rows and the
+    TrainFn's recipe, so a rerun after a kill trains only what is missing and
+    never reuses scores of other data or another model.
     """
     out_dir = Path(out_dir) / model_name
-    stamp = {"tests": {name: digest(df) for name, df in tests.items()}}
+    stamp = {"tests": {name: digest(df) for name, df in tests.items()}, "recipe": recipe_of(train_fn)}
     jobs = [(arm, seed) for arm in arms for seed in seeds]
     frames = []
     for arm, seed in tqdm(jobs, desc=f"{model_name}: arms x seeds", disable=not progress):

@@ -3,7 +3,7 @@
 The paper's BUS-DM detector is trained on the real detection set "enhanced by
 20,000 generated images" whose requested boxes are the labels (§4.4.1); the
 baseline on the real set alone. Each (arm, seed) detector's test predictions
-are kept as JSON, stamped with the digests of its training and test rows, so a
+are kept as JSON, stamped with the digests of its training and test rows and the detector settings, so a
 rerun evaluates without retraining and a killed run loses one detector at most.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from busgen_lib.downstream.detector import train_detector
 from busgen_lib.evaluate.detection import Prediction, evaluate_detection, paired_bootstrap_p
 from busgen_lib.evaluate.scaling import mean_ci
 from busgen_lib.experiments.generalisation import digest
+from busgen_lib.profiles import detector_settings
 
 
 def detection_runs(arms: Mapping[str, pd.DataFrame], test_df: pd.DataFrame, seeds: Sequence[int], profile: str,
@@ -28,9 +30,10 @@ def detection_runs(arms: Mapping[str, pd.DataFrame], test_df: pd.DataFrame, seed
     """Test-set predictions of one detector per (arm, seed), trained now or read back from `out_dir`."""
     out_dir, runs = Path(out_dir), {}
     test_stamp = digest(test_df)
+    settings = json.loads(json.dumps(asdict(detector_settings(profile))))   # as JSON gives it back (lists)
     for arm, seed in tqdm([(a, s) for a in arms for s in seeds], desc="detectors", disable=not progress):
         path = out_dir / arm.replace(" ", "") / f"seed{seed}.json"
-        stamp = {"train": digest(arms[arm]), "test": test_stamp, "seed": int(seed), "profile": profile}
+        stamp = {"train": digest(arms[arm]), "test": test_stamp, "seed": int(seed), "settings": settings}
         if path.exists() and (saved := json.loads(path.read_text()))["stamp"] == stamp:
             runs[(arm, seed)] = [{k: np.asarray(v) for k, v in p.items()} for p in saved["predictions"]]
             continue

@@ -36,6 +36,10 @@ DESCRIPTOR_COLUMNS: tuple[str, ...] = (
 EXTRA_COLUMNS: tuple[str, ...] = (*DESCRIPTOR_COLUMNS, "aln_positive", "probe_angle", "probe_offset", "relative_area",
                                  "presentation")
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+# Bump whenever the images, labels or columns a (n, size, seed) produces change: `catalog` stamps the datasets
+# it renders with this version and renders again when it differs, so no run reuses a phantom of older rules.
+# 2: patients carry a `presentation` (screening-detected lesions smaller and less often malignant).
+PHANTOM_VERSION = 2
 NORMAL_BIRADS = "1"
 # Below 32 px a lesion is drawn a pixel or two wide and its box is quantised to 1/size steps (at 7 px every
 # box is one of a handful of cells); 32 px is also the smallest resolution any profile trains at.
