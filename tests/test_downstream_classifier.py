@@ -175,3 +175,32 @@ def test_a_train_fn_recipe_names_the_model_its_settings_and_its_tables():
     with_table = recipe_of(train_fn("baseline-clip", task, "smoke", pretrain_df=table))
     other = recipe_of(train_fn("baseline-clip", task, "smoke", pretrain_df=table.assign(pathology="malignant")))
     assert len(with_table["options"]["pretrain_df"]) == 64 and with_table != other   # tables by SHA-256
+
+
+def test_select_dir_cross_validates_each_training_set_once_and_trains_every_seed_with_the_choice(
+        bright_dark, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from busgen_lib import profiles
+    from busgen_lib.downstream import recipes
+
+    # lr 1e-7 cannot move the weights in 12 epochs, 1e-3 separates bright from dark: CV must pick 1e-3.
+    grid = replace(get_downstream("smoke"), lr_grid=(1e-7, 1e-3), epochs_grid=(EPOCHS,), cv_folds=2)
+    monkeypatch.setitem(profiles.DOWNSTREAM, "smoke", grid)
+    calls, real_trainer = [], recipes.TRAINERS["bus-dm"]
+
+    def spy(rows, task, profile, seed=0, lr=None, epochs=None):
+        calls.append((len(rows), lr, epochs))
+        return real_trainer(rows, task, profile, seed=seed, lr=lr, epochs=epochs)
+
+    monkeypatch.setitem(recipes.TRAINERS, "bus-dm", spy)
+    train, task = bright_dark[bright_dark.split == "train"], Task.parse("benign-malignant")
+    fit = recipes.train_fn("bus-dm", task, "smoke", select_dir=tmp_path)
+    fit(train, 3)
+    assert len(calls) == 2 * 2 + 1 and calls[-1] == (len(train), 1e-3, EPOCHS)
+    expected = cross_validate(real_trainer, train, task, "smoke")   # the same folds and fits, run directly
+    table = recipes.cv_summary(tmp_path).set_index("lr")
+    assert table["mean_auc"].to_dict() == pytest.approx(expected.summary.set_index("lr")["mean_auc"].to_dict())
+    assert table.loc[1e-3, "chosen"] and not table.loc[1e-7, "chosen"] and table["n_train"].eq(len(train)).all()
+    fit(train, 4)
+    assert len(calls) == 2 * 2 + 2 and calls[-1] == (len(train), 1e-3, EPOCHS)   # the choice is kept, not redone

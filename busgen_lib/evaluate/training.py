@@ -40,4 +40,9 @@ def recipe_of(train_fn: TrainFn) -> dict[str, Any]:
     Resumable results are stamped with it, so a changed backbone or setting
     never reuses scores of the old one; a plain callable has the empty recipe.
     """
-    return json.loads(json.dumps(getattr(train_fn, "recipe", {}), default=str))
+    return jsonable(getattr(train_fn, "recipe", {}))
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as it comes back from JSON (tuples as lists, odd objects as strings): comparable with a stored stamp."""
+    return json.loads(json.dumps(value, default=str))
