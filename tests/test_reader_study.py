@@ -79,6 +79,8 @@ def test_creation_refuses_what_cannot_make_a_fair_study(tmp_path, pair):
         create_study(tmp_path / "a", ["r1"], real=[real])
     with pytest.raises(UsageError, match="only 6 image"):
         create_study(tmp_path / "b", ["r1"], real=[real], generated=[generated], n_per_source=7)
+    with pytest.raises(UsageError, match="at least 1"):
+        create_study(tmp_path / "b", ["r1"], real=[real], generated=[generated], n_per_source=0)
     with pytest.raises(UsageError, match="reader name"):
         create_study(tmp_path / "c", ["../x"], real=[real], generated=[generated])
     with pytest.raises(UsageError, match="unique"):

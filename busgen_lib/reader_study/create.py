@@ -71,7 +71,7 @@ def _rows(paths: list[str | Path], source: str, model_column: str | None) -> pd.
 
 
 def _check_options(out: Path, real: list, generated: list, readers: list[str], question: str,
-                   model_column: str | None, size: int | None) -> None:
+                   n_per_source: int | None, model_column: str | None, size: int | None) -> None:
     if question not in QUESTIONS:
         raise UsageError(f"question {question!r} unknown; use one of {', '.join(QUESTIONS)}")
     if question == TURING and not (real and generated):
@@ -87,6 +87,8 @@ def _check_options(out: Path, real: list, generated: list, readers: list[str], q
         raise UsageError(f"reader name {bad[0]!r}: use 1-40 letters, digits, '_', '.', '-'")
     if len(set(readers)) != len(readers):
         raise UsageError("reader names must be unique")
+    if n_per_source is not None and n_per_source < 1:
+        raise UsageError(f"--n-per-source must be at least 1, got {n_per_source}")
     if size is not None and not 8 <= size <= MAX_SIZE:
         raise UsageError(f"--size must be between 8 and {MAX_SIZE} pixels, got {size}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -127,7 +129,7 @@ def create_study(out: str | Path, readers: list[str], real: list[str | Path] = (
     """
     out = Path(out)
     real, generated = list(real), list(generated)
-    _check_options(out, real, generated, readers, question, model_column, size)
+    _check_options(out, real, generated, readers, question, n_per_source, model_column, size)
     empty = pd.DataFrame(columns=["path", "source", "pathology", "birads", "model_output"])
     chosen = _select(_rows(real, "real", model_column) if real else empty,
                      _rows(generated, "generated", model_column) if generated else empty, n_per_source, seed)
