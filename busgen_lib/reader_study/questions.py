@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from busgen_lib.evaluate.turing import SOURCES
+
 TURING = "turing"
 BIRADS = "birads"
 QUESTIONS = (TURING, BIRADS)
 
-SOURCES = ("real", "generated")
 CONFIDENCES = ("1", "2", "3", "4", "5")  # 1 = guessing, 5 = certain
 BIRADS_CHOICES = ("2", "3", "4a", "4b", "4c", "5")  # the paper's reader-study categories (§4.4.3)
 
