@@ -377,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     from busgen_lib.downstream.cli import add_parser as add_downstream  # its heavy imports stay inside its commands
 
     add_downstream(sub)
+    from busgen_lib.reader_study.cli import add_parser as add_reader_study
+
+    add_reader_study(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ ALLOWED = {
     "evaluate": {"data", "diffusion", "devices", "plotting"},
     "downstream": {"data", "evaluate"},
     "experiments": {"data", "diffusion", "devices", "evaluate", "downstream", "plotting"},
+    "reader_study": {"data", "evaluate"},
 }
 BASE = {"errors", "profiles"}
 
@@ -40,3 +41,11 @@ def test_every_package_imports_only_layers_below_it():
 def test_the_check_sees_the_imports_it_judges():
     seen = {(layer, target) for _, layer, target in _imports()}
     assert ("diffusion", "data") in seen and ("experiments", "downstream") in seen  # the walk found real edges
+    assert ("reader_study", "evaluate") in seen
+
+
+def test_nothing_in_the_library_imports_the_reader_study():
+    """The web application sits on top: only cli.py (and notebooks) may start it."""
+    wrong = [path for path, layer, target in _imports()
+             if target == "reader_study" and layer != "reader_study" and path != "cli.py"]
+    assert wrong == []
