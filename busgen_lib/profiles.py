@@ -161,7 +161,8 @@ DOWNSTREAM: dict[str, DownstreamProfile] = {
     #   vit 96x6   real 0.766 / 0.461 in 37 s,  generated 0.746 / 0.593 in 48 s
     #   vit 128x4  real 0.743 / 0.459 in 42 s,  generated 0.739 / 0.578 in 61 s
     #   vit_tiny (192x12, 5.4M) real 0.743 / 0.495, generated 0.769 / 0.560 — within one seed's noise of the
-    #   others at ~5x their compute (on the phantom it had beaten resnet18 0.576 and regnetx_002 0.569 at 64 px).
+    #   others at 7.5x their FLOPs (2.21 vs 0.29 GFLOP per image forward + backward, torch's FlopCounterMode).
+    #   (On the phantom vit_tiny had beaten resnet18, 0.576, and regnetx_002, 0.569, at 64 px.)
     "demo": DownstreamProfile("vit_tiny_patch16_224", input_size=64,
                               backbone_kwargs=dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3),
                               epochs=10, batch_size=32, lr_grid=(3e-4, 1e-3), epochs_grid=(10,), repeats=3),
@@ -198,6 +199,9 @@ class DetectorSettings:
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)               # anchor height / width
     head_dim: int = 256      # width of the two-layer box head (torchvision's default 1024 is for COCO's 80 classes)
     roi_samples: int = 128   # proposals sampled per image for the box head (torchvision's default 512)
+    roi_output: int = 7      # RoIAlign grid side (torchvision's default 7)
+    rpn_samples: int = 256   # anchors sampled per image for the RPN loss (torchvision's default)
+    proposals: tuple[int, int] = (2000, 1000)  # RPN proposals per image, before and after NMS: (training, testing)
     scale_jitter: tuple[float, float] = (0.9, 1.1)  # training zoom range (RandomAffine), lesions stay whole-ish
 
 
@@ -206,8 +210,12 @@ DETECTOR_SETTINGS: dict[str, DetectorSettings] = {
     # (On 32 px squares a stride-8 map reached AP50 0.14 where stride 4 reached 0.65 in the same 72 steps.)
     "smoke": DetectorSettings("test_resnet", feature_index=1, image_size=64, epochs=2, batch_size=8, lr=2e-3,
                               head_dim=64, roi_samples=64),
-    # ResNet-18 to its stride-8 stage (layer2, 128 channels) at the demo's 64 px: an 8 x 8 feature map.
-    "demo": DetectorSettings("resnet18", feature_index=2, image_size=64, epochs=12, batch_size=8, lr=1e-3),
+    # ResNet-18 to its stride-8 stage (layer2, 128 channels) at the demo's 64 px: an 8 x 8 feature map (768
+    # anchors), so few proposals suffice. The heads are sized for the CPU: one training step of 8 phantom images
+    # cost 0.80 CPU-s with torchvision's head sizes (RoI 7 x 7, 128 RoIs, 256-wide head, 2000 proposals) and 0.15 s
+    # with these (backbone alone: 0.06 s).
+    "demo": DetectorSettings("resnet18", feature_index=2, image_size=64, epochs=12, batch_size=8, lr=1e-3,
+                             head_dim=128, roi_samples=32, roi_output=4, rpn_samples=64, proposals=(300, 100)),
     # The paper's detector used a ViT-L backbone (Mask R-CNN, §4.4.1); its stride-16 token grid at 224 px.
     "paper": DetectorSettings("vit_large_patch16_224", feature_index=-1, image_size=224, epochs=50, batch_size=16,
                               lr=1e-4, weight_decay=0.05, head_dim=1024, roi_samples=512),

@@ -257,3 +257,18 @@ def test_training_is_deterministic_given_the_seed(tmp_path):
 def test_loading_a_folder_without_a_detector_is_refused(tmp_path):
     with pytest.raises(DataError, match="holds no detector"):
         Detector.load(tmp_path)
+
+
+def test_head_sizes_and_proposal_counts_reach_the_model():
+    from busgen_lib.downstream.detector import build_model
+    from busgen_lib.profiles import detector_settings
+
+    settings = detector_settings("smoke", roi_output=3, roi_samples=16, rpn_samples=32, proposals=(50, 20),
+                                 head_dim=24)
+    model = build_model(settings)
+    assert tuple(model.roi_heads.box_roi_pool.output_size) == (3, 3)
+    assert model.roi_heads.box_head.fc6.in_features == model.backbone.out_channels * 9
+    assert model.roi_heads.box_head.fc6.out_features == 24
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 16
+    assert model.rpn.fg_bg_sampler.batch_size_per_image == 32
+    assert model.rpn._pre_nms_top_n == {"training": 50, "testing": 20} == model.rpn._post_nms_top_n

@@ -42,7 +42,6 @@ WEIGHTS_FILE = "detector.safetensors"
 CONFIG_FILE = "detector.json"
 # Fixed intensity normalisation of [0, 1] grayscale input (no pretrained statistics exist to match).
 IMAGE_MEAN, IMAGE_STD = [0.5], [0.25]
-ROI_OUTPUT = 7  # RoIAlign grid, torchvision's default
 
 
 # --------------------------------------------------------------------------- model
@@ -68,14 +67,17 @@ def build_model(settings: DetectorSettings) -> FasterRCNN:
     backbone = TimmBackbone(settings.backbone, settings.feature_index, settings.image_size)
     sizes = tuple(max(1, round(f * settings.image_size)) for f in settings.anchor_fractions)
     anchors = AnchorGenerator(sizes=(sizes,), aspect_ratios=(settings.aspect_ratios,))
-    pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=ROI_OUTPUT, sampling_ratio=2)
-    head = TwoMLPHead(backbone.out_channels * ROI_OUTPUT ** 2, settings.head_dim)
+    pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=settings.roi_output, sampling_ratio=2)
+    head = TwoMLPHead(backbone.out_channels * settings.roi_output ** 2, settings.head_dim)
+    (train_proposals, test_proposals) = settings.proposals
     return FasterRCNN(
         backbone, num_classes=None, rpn_anchor_generator=anchors, box_roi_pool=pool, box_head=head,
         box_predictor=FastRCNNPredictor(settings.head_dim, 2),
         # images arrive at image_size already, so the transform's resize is the identity
         min_size=settings.image_size, max_size=settings.image_size, image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
-        box_batch_size_per_image=settings.roi_samples,
+        box_batch_size_per_image=settings.roi_samples, rpn_batch_size_per_image=settings.rpn_samples,
+        rpn_pre_nms_top_n_train=train_proposals, rpn_pre_nms_top_n_test=test_proposals,
+        rpn_post_nms_top_n_train=train_proposals, rpn_post_nms_top_n_test=test_proposals,
     )
 
 
