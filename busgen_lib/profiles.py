@@ -238,10 +238,11 @@ class StudySettings:
     scaling_sizes: tuple[int, ...]  # training-set sizes of the data-scaling curves (Fig 4e)
     detector_repeats: int           # seeds per detector arm (Fig 3b-c): detectors cost the most
     shortcut_strength: float = 0.8  # phi between pathology and device group in the biased training set
+    external_devices: int = 4       # phantom devices held out as "other hospitals" (internal vs external, Fig 4f-g)
 
 
 STUDY: dict[str, StudySettings] = {
-    "smoke": StudySettings(held_out=("busi",), lodo_generated=32, phantom_generated=64,
+    "smoke": StudySettings(held_out=("busi",), lodo_generated=32, phantom_generated=160,
                            scaling_sizes=(8, 16, 32), detector_repeats=1),
     # demo: one held-out set (BUSI, the paper's Fig 4e set): a BUS-DM fit of ~1,000 images costs ~2 CPU-minutes
     # on the 2-core machine, and the study trains 3 arms x 3 seeds of BUS-DM plus Baseline-CLIP per fold.

@@ -98,6 +98,26 @@ def test_design_keeps_patients_apart_and_uses_only_benign_and_malignant(tiny_pha
     assert all(str(p).startswith("/") for p in arms[g.BOTH]["image"])  # concatenable across folders
 
 
+def test_device_design_holds_devices_and_their_patients_out_of_training(tiny_phantom):
+    df = g.absolute(read_manifest(tiny_phantom))
+    held = g.external_devices(df, 2, seed=1)
+    assert held == g.external_devices(df, 2, seed=1) and len(set(held)) == 2
+    arms, tests = g.device_design(df, df, held)
+    for arm in arms.values():
+        assert not set(arm["device"]) & set(held)
+    assert set(tests["external"]["device"]) <= set(held) and not set(tests["internal"]["device"]) & set(held)
+    assert set(tests["external"]["patient_id"]).isdisjoint(arms[g.REAL]["patient_id"])
+    assert set(tests["internal"]["patient_id"]).isdisjoint(arms[g.REAL]["patient_id"])
+    # every benign/malignant image of a held-out device is external unless its patient trains
+    train_patients = set(arms[g.REAL]["patient_id"])
+    expected = df[df["device"].isin(held) & df["pathology"].isin(g.TASK) & ~df["patient_id"].isin(train_patients)]
+    assert len(tests["external"]) == len(expected)
+    with pytest.raises(ValueError, match="not in the data"):
+        g.device_design(df, df, ["no such device"])
+    with pytest.raises(ValueError, match="keep at least one"):
+        g.external_devices(df, df["device"].nunique(), seed=0)
+
+
 def test_others_refuses_an_unknown_held_out_set():
     assert g.others("busi") == ("bus_uclm", "breast_lesions_usg")
     with pytest.raises(ValueError, match="unknown held-out set"):

@@ -7,7 +7,7 @@ from scipy import stats
 from sklearn.metrics import log_loss, roc_auc_score
 
 from busgen_lib.errors import UsageError
-from busgen_lib.evaluate.scaling import draw_subset, repeat_seed, scaling_curve, scaling_summary
+from busgen_lib.evaluate.scaling import draw_subset, feasible_sizes, repeat_seed, scaling_curve, scaling_summary
 
 
 def _pool(n_patients=60, seed=0) -> pd.DataFrame:
@@ -119,3 +119,16 @@ def test_summary_is_the_t_interval_across_repeats():
         lo, hi = stats.t.interval(0.95, len(g) - 1, loc=g.auc.mean(), scale=stats.sem(g.auc))
         assert (summary.loc[size, "auc_lo"], summary.loc[size, "auc_hi"]) == pytest.approx((lo, hi))
         assert summary.loc[size, "loss"] == pytest.approx(g.loss.mean())
+
+
+def test_feasible_sizes_are_those_every_pool_can_fill_class_balanced():
+    a = pd.DataFrame({"pathology": ["benign"] * 10 + ["malignant"] * 4})
+    b = pd.DataFrame({"pathology": ["benign"] * 3 + ["malignant"] * 30 + ["normal"] * 50})
+    # a: at most 4 malignant -> size <= 9 (quota size // 2 positive); b: 3 benign -> size - size // 2 <= 3 -> size <= 6
+    assert feasible_sizes([a], [2, 8, 9, 10]) == [2, 8, 9]
+    assert feasible_sizes([a, b], [2, 6, 7, 8]) == [2, 6]
+    for size in feasible_sizes([a, b], range(2, 20)):   # each of them draws without error
+        draw_subset(a.assign(patient_id=range(len(a))), size, seed=0)
+        draw_subset(b.assign(patient_id=range(len(b))), size, seed=0)
+    with pytest.raises(UsageError):   # and the first size beyond them does not
+        draw_subset(a.assign(patient_id=range(len(a))), 10, seed=0)

@@ -64,6 +64,16 @@ def draw_subset(pool: pd.DataFrame, size: int, seed: int, *, column: str = "path
     return subset
 
 
+def feasible_sizes(pools: Sequence[pd.DataFrame], sizes: Sequence[int], *, column: str = "pathology",
+                   negative: str = "benign", positive: str = "malignant") -> list[int]:
+    """The `sizes` whose class-balanced subsets (`draw_subset`) every pool can fill, so curves share their x values."""
+    def fits(pool: pd.DataFrame, size: int) -> bool:
+        _, y = binary_task(pool, negative, positive, column)
+        return (y == 1).sum() >= size // 2 and (y == 0).sum() >= size - size // 2
+
+    return [size for size in sizes if all(fits(pool, size) for pool in pools)]
+
+
 def scaling_curve(train_fn: TrainFn, pool: pd.DataFrame, test_df: pd.DataFrame, sizes: Sequence[int], repeats: int,
                   results_csv: str | Path, *, name: str = "", seed: int = 0, column: str = "pathology",
                   negative: str = "benign", positive: str = "malignant", group: str = "patient_id",

@@ -85,15 +85,45 @@ def design(pool: str | Path, held_out_manifest: str | Path, generated: str | Pat
     benign or malignant image of the held-out set.
     """
     real_df = absolute(read_manifest(pool))
-    real = task_rows(real_df[real_df["split"].astype(str).isin(["train", "val"])])
-    arms = {REAL: real}
-    if generated is not None:
-        gen = task_rows(absolute(read_manifest(generated)))
-        arms[GENERATED] = gen
-        arms[BOTH] = combine(real, gen)
+    gen = None if generated is None else task_rows(absolute(read_manifest(generated)))
     tests = {"internal": task_rows(real_df[real_df["split"].astype(str) == "test"]),
              "external": task_rows(absolute(read_manifest(held_out_manifest)))}
-    return arms, tests
+    return _arms(task_rows(real_df[real_df["split"].astype(str).isin(["train", "val"])]), gen), tests
+
+
+def device_design(real_df: pd.DataFrame, generated_df: pd.DataFrame, external_devices: Sequence[str],
+                  ) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """The same arms and tests within one dataset whose held-out devices play the external hospitals (Fig 4f–g).
+
+    Training (real train/val patients, generated images) and the internal test
+    use the other devices; the external test is every image of the held-out
+    devices whose patient never appears in training.
+    """
+    device = real_df["device"].astype(str)
+    if missing := sorted(set(external_devices) - set(device)):
+        raise ValueError(f"external devices {missing} are not in the data")
+    inside = real_df[~device.isin(external_devices)]
+    real = task_rows(inside[inside["split"].astype(str).isin(["train", "val"])])
+    gen = task_rows(generated_df[~generated_df["device"].astype(str).isin(external_devices)])
+    outside = real_df[device.isin(external_devices) & ~real_df["patient_id"].isin(set(real["patient_id"]))]
+    tests = {"internal": task_rows(inside[inside["split"].astype(str) == "test"]), "external": task_rows(outside)}
+    return _arms(real, gen), tests
+
+
+def external_devices(df: pd.DataFrame, n: int, seed: int = 0) -> list[str]:
+    """`n` devices of `df` drawn at random (seeded): the phantom's stand-in for other hospitals."""
+    devices = np.sort(df["device"].astype(str).unique())
+    if not 0 < n < len(devices):
+        raise ValueError(f"cannot hold out {n} of {len(devices)} devices; keep at least one for training")
+    return sorted(np.random.default_rng([seed, n]).choice(devices, size=n, replace=False).tolist())
+
+
+def _arms(real: pd.DataFrame, generated: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
+    arms = {REAL: real}
+    if generated is not None:
+        arms[GENERATED] = generated
+        arms[BOTH] = combine(real, generated)
+    return arms
 
 
 # ------------------------------------------------------------------ scoring, resumable
