@@ -6,9 +6,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from busgen_lib.diffusion.checkpoint import WEIGHTS_FILE, latest_checkpoint, load_model, save_model
+from busgen_lib.diffusion.checkpoint import WEIGHTS_FILE, latest_checkpoint, load_checkpoint, load_model, save_model
 from busgen_lib.diffusion.model import BUSGenUNet, build_model
 from busgen_lib.diffusion.train import pretrain, weights_digest
+from busgen_lib.errors import DataError
 
 DEVICES = ("dev-a", "dev-b")
 
@@ -68,3 +69,14 @@ def test_a_checkpoint_write_that_fails_midway_is_never_resumed_from(tiny_phantom
     resumed = pretrain(tiny_phantom, "smoke", run, resume=True, train_overrides=steps, progress=False)
     assert weights_digest(load_model(resumed)) == reference
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+def test_a_checkpoint_accelerate_cannot_read_is_named(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model = _model(0)
+    accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    old = tmp_path / "checkpoints" / "step-00000003"
+    old.mkdir(parents=True)
+    (old / "trainer_state.json").write_text('{"step": 3}')  # a checkpoint of the format before accelerate's
+    with pytest.raises(DataError, match=f"{old}: cannot resume from this checkpoint .*start a new --out"):
+        load_checkpoint(accelerator, old)

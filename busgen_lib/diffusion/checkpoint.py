@@ -144,3 +144,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint (step folders appear whole or not at all), or None for a fresh run."""
     steps = sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"))
     return steps[-1] if steps else None
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> None:
+    """`accelerator.load_state(path)`, with a DataError naming a checkpoint it cannot read (damaged, or written
+    by busgen before checkpoints were accelerate's)."""
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        raise DataError(f"{path}: cannot resume from this checkpoint ({str(err).splitlines()[0]}); it is damaged or "
+                        "from an older busgen: delete it to resume from the one before, or start a new --out") from None

@@ -28,7 +28,7 @@ from busgen_lib.data.augment import get_augmentation
 from busgen_lib.data.dataset import BUSDataset, ClassBalancedSampler, derive_seed
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.diffusion.box_prior import BoxPrior
-from busgen_lib.diffusion.checkpoint import latest_checkpoint, save_checkpoint, save_model
+from busgen_lib.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from busgen_lib.diffusion.model import BUSGenUNet, config_for_profile, model_settings
 from busgen_lib.diffusion.schedule import ddpm_scheduler, diffusion_loss
 from busgen_lib.errors import DataError, UsageError
@@ -232,7 +232,7 @@ def fit(model: BUSGenUNet, dataset: BUSDataset, config: TrainConfig, out: Path, 
     # accelerate's save_state/load_state then carry them beside the model, optimizer and RNG states.
     accelerator.register_for_checkpointing(lr_scheduler, counter, *([ema] if ema is not None else []))
     if resume and (ckpt := latest_checkpoint(out)) is not None:
-        accelerator.load_state(str(ckpt))
+        load_checkpoint(accelerator, ckpt)
     if ema is not None:
         ema.to(accelerator.device)  # load_state restores registered objects on the CPU
     step = counter.step
