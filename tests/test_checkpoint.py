@@ -80,3 +80,15 @@ def test_a_checkpoint_accelerate_cannot_read_is_named(tmp_path):
     (old / "trainer_state.json").write_text('{"step": 3}')  # a checkpoint of the format before accelerate's
     with pytest.raises(DataError, match=f"{old}: cannot resume from this checkpoint .*start a new --out"):
         load_checkpoint(accelerator, old)
+
+
+def test_a_weights_file_missing_a_weight_is_refused_not_filled_at_random(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_model(_model(0), tmp_path / "model")
+    weights = load_file(folder / WEIGHTS_FILE)
+    del weights["conditions.device_embedding.weight"]
+    save_file(weights, folder / WEIGHTS_FILE)
+    with pytest.raises(DataError, match=r"does not fit the architecture in config.json: 1 weights missing "
+                                        r"\(e.g. \['conditions.device_embedding.weight'\]\)"):
+        load_model(folder)

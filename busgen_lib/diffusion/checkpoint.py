@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from diffusers import ConfigMixin, ModelMixin
 from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from busgen_lib.diffusion.model import BUSGenUNet
@@ -81,15 +82,43 @@ def save_model(model: BUSGenUNet, out: str | Path, extra_files: dict[str, str] |
     return Path(out)
 
 
-def read_config(folder: str | Path) -> dict[str, Any]:
-    """The arguments a model folder was built with, or a DataError when it is not a model folder."""
+MODEL_FOLDER = "a busgen model folder (the model/ folder of a pretrain run)"
+
+
+def read_config(folder: str | Path, cls: type[ConfigMixin] = BUSGenUNet, what: str = MODEL_FOLDER) -> dict[str, Any]:
+    """The arguments a saved model was built with (`cls.load_config`), or a DataError when `folder` is not one."""
     if not (Path(folder) / CONFIG_FILE).is_file():
-        raise DataError(f"{folder}: no {CONFIG_FILE}; is this a busgen model folder (the model/ folder of a "
-                        "pretrain run)?")
+        raise DataError(f"{folder}: no {CONFIG_FILE}; is this {what}?")
     try:
-        return BUSGenUNet.load_config(folder)
+        return cls.load_config(folder)
     except (OSError, ValueError) as err:  # diffusers raises EnvironmentError for unreadable JSON
-        raise DataError(f"{Path(folder) / CONFIG_FILE}: {err}; is this a busgen model folder?") from None
+        raise DataError(f"{Path(folder) / CONFIG_FILE}: {err}; is this {what}?") from None
+
+
+def load_pretrained(cls: type[ModelMixin], folder: str | Path, what: str, advice: str) -> ModelMixin:
+    """`cls.from_pretrained(folder)`, strict: a missing, damaged or ill-fitting weights file is a DataError.
+
+    diffusers only warns about weights missing from the file (and initialises
+    them at random); here every weight must come from the file.
+    """
+    folder = Path(folder)
+    read_config(folder, cls, what)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise DataError(f"{weights}: weights file not found; the folder is incomplete ({advice})")
+    try:
+        # low_cpu_mem_usage=False: build the network normally, then copy every stored weight into it.
+        model, info = cls.from_pretrained(folder, low_cpu_mem_usage=False, device_map=None, output_loading_info=True)
+    except (ValueError, TypeError) as err:  # a configuration whose arguments the network refuses
+        raise DataError(f"{folder / CONFIG_FILE}: {err}; is this {what}?") from None
+    except Exception as err:  # safetensors' own SafetensorError, OSError, RuntimeError (shapes) on damaged files
+        raise DataError(f"{weights}: cannot read the weights ({' '.join(str(err).split())[:300]}); the file is "
+                        f"damaged, not safetensors or not this architecture: {advice}") from None
+    missing, unexpected = info["missing_keys"], info["unexpected_keys"]
+    if missing or unexpected:
+        raise DataError(f"{weights} does not fit the architecture in {CONFIG_FILE}: {len(missing)} weights missing "
+                        f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); {advice}")
+    return model
 
 
 def load_model(folder: str | Path, profile: str | None = None, map_location: str = "cpu") -> BUSGenUNet:
@@ -99,22 +128,11 @@ def load_model(folder: str | Path, profile: str | None = None, map_location: str
     `profile` (when given), a missing or damaged weights file, or weights that
     do not fit the stored architecture.
     """
-    folder = Path(folder)
     config = read_config(folder)
     if profile is not None and config.get("profile") != profile:
         raise DataError(f"{folder}: model was trained under profile {config.get('profile')!r} "
                         f"({config.get('image_size')} px), not {profile!r}")
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise DataError(f"{weights}: weights file not found; the folder is incomplete (copy it again or retrain)")
-    try:
-        # low_cpu_mem_usage=False: build the network normally, then load every weight strictly.
-        return BUSGenUNet.from_pretrained(folder, low_cpu_mem_usage=False, device_map=None).to(map_location)
-    except (ValueError, TypeError) as err:  # a config whose arguments the network refuses
-        raise DataError(f"{folder / CONFIG_FILE}: {err}; is this a busgen model folder?") from None
-    except Exception as err:  # safetensors' own SafetensorError, OSError, RuntimeError (shapes) on damaged files
-        raise DataError(f"{weights}: cannot read the weights ({str(err).splitlines()[0]}); the file is damaged, "
-                        "not safetensors or not this architecture: copy it again or retrain") from None
+    return load_pretrained(BUSGenUNet, folder, MODEL_FOLDER, "copy it again or retrain").to(map_location)
 
 
 # --------------------------------------------------------------------------- training checkpoints

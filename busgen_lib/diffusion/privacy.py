@@ -61,7 +61,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 from tqdm.auto import tqdm
 
-from busgen_lib.diffusion.checkpoint import atomic_folder
+from busgen_lib.diffusion.checkpoint import atomic_folder, load_pretrained
 from busgen_lib.diffusion.schedule import ScheduleConfig, ddpm_scheduler, q_sample
 from busgen_lib.diffusion.train import weights_digest
 from busgen_lib.errors import DataError, UsageError
@@ -366,14 +366,6 @@ def save_classifier(classifier: NoiseAwareClassifier, out: str | Path, record: d
 
 def load_classifier(folder: str | Path, map_location: str = "cpu") -> NoiseAwareClassifier:
     """`NoiseAwareClassifier.from_pretrained`, in eval mode, with a DataError naming a folder that is not one."""
-    folder = Path(folder)
-    if not (folder / CONFIG_NAME).exists():
-        raise DataError(f"{folder}: no {CONFIG_NAME}; is this a CPSample classifier folder (from `protect`)?")
-    try:
-        classifier = NoiseAwareClassifier.from_pretrained(folder, low_cpu_mem_usage=False, device_map=None)
-    except (ValueError, TypeError) as err:
-        raise DataError(f"{folder / CONFIG_NAME}: {err}; is this a CPSample classifier folder?") from None
-    except Exception as err:  # safetensors' SafetensorError, OSError: missing or damaged weights
-        raise DataError(f"{folder}: cannot read the classifier's weights ({str(err).splitlines()[0]}); "
-                        "delete the folder to train the classifier again") from None
+    classifier = load_pretrained(NoiseAwareClassifier, folder, "a CPSample classifier folder (from `protect`)",
+                                 "delete the folder to train the classifier again")
     return classifier.to(map_location).eval()
