@@ -176,8 +176,8 @@ def build_model(profile: str, device_names: Sequence[str], **overrides: Any) -> 
     return BUSGenUNet(**config_for_profile(profile, device_names, **overrides))
 
 
-def model_settings(model: BUSGenUNet) -> dict[str, Any]:
-    """The model's arguments as plain JSON values (run records compare them; diffusers adds private `_` keys)."""
+def model_settings(model: ConfigMixin) -> dict[str, Any]:
+    """A diffusers model's arguments as plain JSON values (run records compare them; diffusers adds private `_` keys)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items() if not k.startswith("_")}
 
 
