@@ -89,7 +89,7 @@ def random_batch(model: BUSGenUNet, batch: int, device: torch.device, seed: int 
     data = {
         "image": torch.rand(batch, 1, size, size, generator=g) * 2 - 1,
         "pathology": torch.randint(1, 4, (batch,), generator=g),
-        "device": torch.randint(1, config.num_devices + 1, (batch,), generator=g),
+        "device": torch.randint(1, len(config.device_names) + 1, (batch,), generator=g),
         "boxes": boxes,
         "box_valid": valid,
         "box_mask": boxes_to_mask(boxes, size)[:, None],

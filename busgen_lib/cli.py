@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_adapt)
 
     p = sub.add_parser("sample", help="generate a labelled synthetic dataset from a trained model folder")
-    p.add_argument("--model", required=True, help="model folder (config.json, model.safetensors, box_prior.json)")
+    p.add_argument("--model", required=True, help="model folder (config.json, diffusion_pytorch_model.safetensors, box_prior.json)")
     p.add_argument("--adapter", help="LoRA adapter folder trained on this model (merged before sampling)")
     p.add_argument("--n", type=positive_int, help="number of images of the balanced plan (required with it)")
     p.add_argument("--pathologies", nargs="+", choices=PATHOLOGIES,

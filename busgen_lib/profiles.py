@@ -64,7 +64,7 @@ def get_profile(name: str, **overrides) -> Profile:
 
 
 # --------------------------------------------------------------------------- BUSGen (§4.3): network, sampler, optimisers
-# The numbers of the diffusion model and its helpers, read by diffusion/model.py (BUSGenConfig, SamplingDefaults),
+# The numbers of the diffusion model and its helpers, read by diffusion/model.py (BUSGenUNet, SamplingDefaults),
 # diffusion/train.py and lora.py (TrainConfig) and devices/cyclegan.py (CycleGANConfig), which validate them.
 
 # Network and schedule sizes per run profile (the resolution is the Profile's image_size).

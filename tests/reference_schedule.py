@@ -10,7 +10,7 @@ T, BETA_START, BETA_END = 500, 1e-4, 0.028
 
 @dataclass(frozen=True)
 class Schedule:
-    """Duck-types the schedule fields of `BUSGenConfig` (what `ddpm_scheduler` reads)."""
+    """Duck-types the schedule fields of `BUSGenUNet.config` (what `ddpm_scheduler` reads)."""
 
     num_train_timesteps: int = T
     beta_start: float = BETA_START

@@ -193,11 +193,13 @@ def test_protect_refuses_an_empty_train_split(tmp_path, smoke_model):
 
 
 def test_unreadable_safetensors_are_named(tmp_path, smoke_model):
+    from busgen_lib.diffusion.checkpoint import WEIGHTS_FILE
+
     model = tmp_path / "model"
     shutil.copytree(smoke_model, model)
-    (model / "model.safetensors").write_bytes(b"not safetensors at all")
+    (model / WEIGHTS_FILE).write_bytes(b"not safetensors at all")
     line = one_line(run_cli("sample", "--model", model, "--n", 2, "--out", tmp_path / "o"), 1,
-                    f"{model / 'model.safetensors'}: cannot read the weights")
+                    f"{model / WEIGHTS_FILE}: cannot read the weights")
     assert "copy it again or retrain" in line
     debug = run_cli("--debug", "sample", "--model", model, "--n", 2, "--out", tmp_path / "o")
     assert "Traceback" in debug.stderr and debug.stderr.strip().splitlines()[-1] == line
@@ -209,7 +211,7 @@ def test_sample_single_pathology_and_devices_from_the_cli(tmp_path, smoke_model)
     from busgen_lib.data.manifest import read_manifest
     from busgen_lib.diffusion.checkpoint import read_config
 
-    device = read_config(smoke_model).device_names[0]
+    device = read_config(smoke_model)["device_names"][0]
     result = run_cli("sample", "--model", smoke_model, "--n", 2, "--out", tmp_path / "o", "--steps", 1,
                      "--pathologies", "malignant", "--devices", device)
     assert result.returncode == 0, result.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers.models.resnet import ResnetBlock2D
@@ -9,10 +11,11 @@ from diffusers.models.resnet import ResnetBlock2D
 from busgen_lib.data.dataset import boxes_to_mask
 from busgen_lib.diffusion.model import (
     ARCHITECTURE,
-    BUSGenConfig,
+    BUSGenUNet,
     build_model,
     config_for_profile,
     count_parameters,
+    model_settings,
 )
 
 DEVICES = tuple(f"device-{i}" for i in range(18))
@@ -182,14 +185,21 @@ def test_condition_embedding_reaches_every_residual_block(smoke_model):
 
 # --------------------------------------------------------------------------- config
 
-def test_config_round_trips_through_json():
-    config = config_for_profile("demo", DEVICES, box_mode="both")
-    again = BUSGenConfig.from_json(config.to_json())
-    assert again == config and again.in_channels == 2 and again.num_devices == 18
-    assert again.architecture == ARCHITECTURE
+def test_model_round_trips_through_save_pretrained(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("smoke", DEVICES, box_mode="both")
+    model.save_pretrained(tmp_path / "m")
+    again = BUSGenUNet.from_pretrained(tmp_path / "m")
+    stored = model_settings(again)
+    assert stored == model_settings(model)
+    # the profile's arguments, as JSON keeps them (tuples as lists)
+    given = json.loads(json.dumps(config_for_profile("smoke", DEVICES, box_mode="both")))
+    assert {k: stored[k] for k in given} == given and given["box_mode"] == "both"
+    assert stored["architecture"] == ARCHITECTURE
+    assert again.unet.config.in_channels == 2 and len(again.config.device_names) == 18
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_config_refuses_another_architecture():
-    data = config_for_profile("smoke", DEVICES).to_dict() | {"architecture": "something-else"}
     with pytest.raises(ValueError, match="architecture"):
-        BUSGenConfig.from_dict(data)
+        build_model("smoke", DEVICES, architecture="something-else")

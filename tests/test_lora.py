@@ -164,3 +164,30 @@ def test_adapt_cli_and_unknown_device_error(smoke_model, tiny_phantom, tmp_path)
     assert main(["adapt", "--model", str(smoke_model), "--manifest", str(tiny_phantom), "--adapter", "cli",
                  "--out", str(tmp_path / "cli"), "--steps", "2"]) == 0
     assert (tmp_path / "cli" / "adapter" / ADAPTER_WEIGHTS_FILE).exists()
+
+
+def test_adapter_folder_is_peft_format_and_a_foreign_or_incomplete_one_is_named(base, smoke_model, tmp_path):
+    from peft import PeftConfig, get_peft_model_state_dict
+    from peft.utils import load_peft_weights
+    from safetensors.torch import load_file, save_file
+
+    from busgen_lib.errors import DataError
+
+    add_adapter(base, "dcis", AdapterConfig(rank=2, targets=("attention",)))
+    _randomise_adapter(base, "dcis", seed=1)
+    folder = save_adapter(base, "dcis", tmp_path / "dcis", base=str(smoke_model))
+    # peft's own readers understand the folder
+    config = PeftConfig.from_pretrained(str(folder))
+    assert (config.peft_type, config.r, config.base_model_name_or_path) == ("LORA", 2, str(smoke_model))
+    stored, live = load_peft_weights(str(folder), device="cpu"), get_peft_model_state_dict(base, adapter_name="dcis")
+    assert stored.keys() == live.keys() and all(torch.equal(stored[k], live[k]) for k in live)
+
+    fresh = load_model(smoke_model)
+    save_file(load_file(folder / ADAPTER_WEIGHTS_FILE), folder / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
+    with pytest.raises(DataError, match="no base-model fingerprint"):  # written by peft, not save_adapter
+        load_adapter(fresh, folder)
+    (folder / ADAPTER_WEIGHTS_FILE).unlink()
+    with pytest.raises(DataError, match="weights file not found; the adapter folder is incomplete"):
+        load_adapter(fresh, folder)
+    with pytest.raises(DataError, match="no adapter_config.json; is this a busgen adapter folder"):
+        load_adapter(fresh, tmp_path)

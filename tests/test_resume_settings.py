@@ -9,7 +9,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from busgen_lib.diffusion.checkpoint import file_fingerprint
+from busgen_lib.diffusion.checkpoint import WEIGHTS_FILE, file_fingerprint
 from busgen_lib.diffusion.pipeline import sample_dataset
 from busgen_lib.diffusion.train import pretrain
 from busgen_lib.errors import UsageError
@@ -18,7 +18,7 @@ from busgen_lib.errors import UsageError
 def test_the_sample_folder_records_what_determines_an_image(tmp_path, smoke_model, one_thread):
     sample_dataset(smoke_model, 2, tmp_path / "o", steps=1, guidance=0.5, seed=3)
     settings = json.loads((tmp_path / "o" / "settings.json").read_text())
-    assert settings == {"model": file_fingerprint(smoke_model / "model.safetensors"), "adapter": None,
+    assert settings == {"model": file_fingerprint(smoke_model / WEIGHTS_FILE), "adapter": None,
                         "sampler": "dpmsolver++-singlestep", "steps": 1, "order": 3, "guidance": 0.5, "seed": 3,
                         "cond_fn": None, "image_ext": "png"}
 
@@ -40,10 +40,10 @@ def test_a_rerun_with_another_model_is_refused(tmp_path, smoke_model, one_thread
     sample_dataset(smoke_model, 2, tmp_path / "o", steps=1)
     other = tmp_path / "other"
     shutil.copytree(smoke_model, other)
-    weights = load_file(other / "model.safetensors")
+    weights = load_file(other / WEIGHTS_FILE)
     name = sorted(weights)[0]
     weights[name] = weights[name] + 1
-    save_file(weights, other / "model.safetensors")
+    save_file(weights, other / WEIGHTS_FILE)
     with pytest.raises(UsageError, match=r"model \(stored '[0-9a-f]{64}', given '[0-9a-f]{64}'\)"):
         sample_dataset(other, 2, tmp_path / "o", steps=1)
 

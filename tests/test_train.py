@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from busgen_lib.diffusion import train as train_module
 from busgen_lib.diffusion.checkpoint import latest_checkpoint, load_model
@@ -65,9 +67,13 @@ def test_ema_weights_are_exported_and_resume_with_ema(tiny_phantom, tmp_path):
     cfg = {**STEPS, "ema_decay": 0.9}
     model_dir = pretrain(tiny_phantom, "smoke", tmp_path / "ema", train_overrides=cfg, progress=False)
     ckpt = latest_checkpoint(tmp_path / "ema")
-    assert (ckpt / "ema.safetensors").exists()
-    # The exported model is the EMA average, not the last raw weights stored in the checkpoint.
-    assert _digest(model_dir) != weights_digest(load_model(ckpt))
+    ema = torch.load(ckpt / "custom_checkpoint_2.pkl", weights_only=True)  # registered third, after LR and step
+    raw = load_file(ckpt / "model.safetensors")  # accelerate's copy of the live (raw) weights
+    exported = load_model(model_dir)
+    trainable = [name for name, _ in exported.named_parameters()]
+    # The exported model is the EMA average stored in the checkpoint, not the last raw weights.
+    assert all(torch.equal(exported.state_dict()[n], p) for n, p in zip(trainable, ema["shadow_params"]))
+    assert not all(torch.equal(exported.state_dict()[n], raw[n]) for n in trainable)
 
 
 @pytest.mark.slow

@@ -1,44 +1,38 @@
-"""Model folders and training checkpoints: safetensors for tensors, JSON for the rest.
+"""Model folders and training checkpoints, written by the field's libraries, atomically.
 
-A *model folder* (`config.json`, `model.safetensors`, optional `box_prior.json`)
-is what sampling and adaptation load. A *training checkpoint* adds the
-optimizer, LR schedule, EMA and step, so that `pretrain --resume` continues
-exactly. Both are written to a temporary folder and moved into place with one
-`os.replace`, so a kill never leaves a half-written checkpoint behind.
+A *model folder* is diffusers' `save_pretrained` of `BUSGenUNet` (`config.json`,
+`diffusion_pytorch_model.safetensors`) plus text files that travel with the
+model (`box_prior.json`); sampling and adaptation load it with `load_model`. A
+*training checkpoint* (`checkpoints/step-<8-digit step>/`) is accelerate's
+`save_state`: model, optimizer, the objects registered for checkpointing (LR
+schedule, step counter, EMA) and every process's RNG states, so that
+`pretrain --resume` continues exactly.
+
+What is ours: every folder is written into a temporary sibling and moved into
+place with `os.replace`, so a kill never leaves half a folder behind (neither
+library does this), and a model folder that is missing, damaged or from another
+profile is refused with a message that says which and what to do.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from accelerate import Accelerator
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from busgen_lib.diffusion.model import BUSGenConfig, BUSGenUNet
-from busgen_lib.errors import DataError, UsageError
+from busgen_lib.diffusion.model import BUSGenUNet
+from busgen_lib.errors import DataError
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-OPTIMIZER_FILE, EMA_FILE, STATE_FILE = "optimizer.safetensors", "ema.safetensors", "trainer_state.json"
-LATEST = "latest"
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished temporary folder into place (the last step of every atomic folder write)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+CONFIG_FILE, WEIGHTS_FILE = CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME  # diffusers' names in a model folder
+CHECKPOINTS = "checkpoints"
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -50,160 +44,131 @@ def file_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A module's weights as contiguous CPU tensors, as safetensors wants them."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+@contextmanager
+def atomic_folder(final: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`; when the block ends without error, it becomes `final`.
+
+    The new folder moves in with one `os.replace`; an existing `final` is first
+    moved aside (a folder cannot be renamed onto a non-empty one), so at any
+    instant `final` is the whole old folder, the whole new one, or (between the
+    two renames) absent with the old one kept as `.<name>.old`. A failure inside
+    the block removes the temporary folder and leaves `final` untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- model folders
 
-def write_weights_folder(module: nn.Module, config_json: str, out: str | Path,
-                         extra_files: dict[str, str] | None = None) -> Path:
-    """Write `config.json` + `model.safetensors` (+ text `extra_files`) into `out` atomically: a reader sees the
-    old folder or the whole new one, never half of it."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    (tmp / CONFIG_FILE).write_text(config_json)
-    save_file(cpu_state(module), tmp / WEIGHTS_FILE)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    replace_dir(tmp, out)
-    return out
-
-
 def save_model(model: BUSGenUNet, out: str | Path, extra_files: dict[str, str] | None = None) -> Path:
     """Write a model folder atomically; `extra_files` maps file names to text (e.g. the box prior)."""
-    return write_weights_folder(model, model.config.to_json(), out, extra_files)
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)
 
 
-def read_config(folder: str | Path) -> BUSGenConfig:
-    """The configuration of a model folder or checkpoint, with a clear error when it is not one."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.exists():
-        raise DataError(f"{folder}: no {CONFIG_FILE}; is this a busgen model folder (the model/ folder of a "
-                        "pretrain run)?")
+MODEL_FOLDER = "a busgen model folder (the model/ folder of a pretrain run)"
+
+
+def read_config(folder: str | Path, cls: type[ConfigMixin] = BUSGenUNet, what: str = MODEL_FOLDER) -> dict[str, Any]:
+    """The arguments a saved model was built with (`cls.load_config`), or a DataError when `folder` is not one."""
+    if not (Path(folder) / CONFIG_FILE).is_file():
+        raise DataError(f"{folder}: no {CONFIG_FILE}; is this {what}?")
     try:
-        return BUSGenConfig.from_json(path.read_text())
-    except (ValueError, TypeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: {err}; is this a busgen model folder?") from None
+        return cls.load_config(folder)
+    except (OSError, ValueError) as err:  # diffusers raises EnvironmentError for unreadable JSON
+        raise DataError(f"{Path(folder) / CONFIG_FILE}: {err}; is this {what}?") from None
 
 
-def read_weights(path: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, or a DataError naming the file when it is missing or not safetensors."""
-    if not path.is_file():
-        raise DataError(f"{path}: weights file not found; the folder is incomplete (copy it again or retrain)")
+def load_pretrained(cls: type[ModelMixin], folder: str | Path, what: str, advice: str) -> ModelMixin:
+    """`cls.from_pretrained(folder)`, strict: a missing, damaged or ill-fitting weights file is a DataError.
+
+    diffusers only warns about weights missing from the file (and initialises
+    them at random); here every weight must come from the file.
+    """
+    folder = Path(folder)
+    read_config(folder, cls, what)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise DataError(f"{weights}: weights file not found; the folder is incomplete ({advice})")
     try:
-        return load_file(path, device=map_location)
-    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on damaged files
-        raise DataError(f"{path}: cannot read the weights ({err}); the file is damaged or not safetensors, "
-                        "copy it again or retrain") from None
+        # low_cpu_mem_usage=False: build the network normally, then copy every stored weight into it.
+        model, info = cls.from_pretrained(folder, low_cpu_mem_usage=False, device_map=None, output_loading_info=True)
+    except (ValueError, TypeError) as err:  # a configuration whose arguments the network refuses
+        raise DataError(f"{folder / CONFIG_FILE}: {err}; is this {what}?") from None
+    except Exception as err:  # safetensors' own SafetensorError, OSError, RuntimeError (shapes) on damaged files
+        raise DataError(f"{weights}: cannot read the weights ({' '.join(str(err).split())[:300]}); the file is "
+                        f"damaged, not safetensors or not this architecture: {advice}") from None
+    missing, unexpected = info["missing_keys"], info["unexpected_keys"]
+    if missing or unexpected:
+        raise DataError(f"{weights} does not fit the architecture in {CONFIG_FILE}: {len(missing)} weights missing "
+                        f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); {advice}")
+    return model
 
 
 def load_model(folder: str | Path, profile: str | None = None, map_location: str = "cpu") -> BUSGenUNet:
-    """Rebuild the network from a model folder (or checkpoint) and load its weights.
+    """`BUSGenUNet.from_pretrained(folder)`, with the model folder's problems as DataErrors that say what to do.
 
     Refuses, naming the difference, a folder written for another profile than
-    `profile` (when given) or whose weights do not fit the stored architecture.
+    `profile` (when given), a missing or damaged weights file, or weights that
+    do not fit the stored architecture.
     """
-    folder = Path(folder)
     config = read_config(folder)
-    if profile is not None and config.profile != profile:
-        raise DataError(f"{folder}: model was trained under profile {config.profile!r} "
-                        f"({config.image_size} px), not {profile!r}")
-    model = BUSGenUNet(config)
-    state = read_weights(folder / WEIGHTS_FILE, map_location)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise DataError(f"{folder / WEIGHTS_FILE} does not fit the architecture in {CONFIG_FILE}: "
-                         f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-                         f"(e.g. {unexpected[:2]}), {len(wrong)} of another shape (e.g. {wrong[:2]})")
-    model.load_state_dict(state)
-    return model
+    if profile is not None and config.get("profile") != profile:
+        raise DataError(f"{folder}: model was trained under profile {config.get('profile')!r} "
+                        f"({config.get('image_size')} px), not {profile!r}")
+    return load_pretrained(BUSGenUNet, folder, MODEL_FOLDER, "copy it again or retrain").to(map_location)
 
 
 # --------------------------------------------------------------------------- training checkpoints
 
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, scalars = {}, {}
-    for pid, slots in state["state"].items():
-        for name, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, keep: int = 2) -> Path:
+    """`accelerator.save_state` into `checkpoints/step-<step>/` atomically; keeps the last `keep` checkpoints.
 
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(run_dir: str | Path, step: int, model: BUSGenUNet, optimizer: torch.optim.Optimizer,
-                    lr_scheduler: Any, ema: Any | None = None, keep: int = 2) -> Path:
-    """Write `checkpoints/step-<8-digit step>/` atomically, point `checkpoints/latest` at it, keep the last `keep`."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    (tmp / CONFIG_FILE).write_text(model.config.to_json())
-    save_file(cpu_state(model), tmp / WEIGHTS_FILE)
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, tmp / OPTIMIZER_FILE)
-    state = {"step": step, "optimizer": opt_meta, "lr_scheduler": _jsonable(lr_scheduler.state_dict())}
-    if ema is not None:
-        ema_state = ema.state_dict()
-        save_file({str(i): p.detach().to("cpu").contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
-                  tmp / EMA_FILE)
-        state["ema"] = _jsonable(ema_state)
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    replace_dir(tmp, final)
-    _write_text_atomic(root / LATEST, final.name)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
+    Call on every process (each writes its RNG state); the main process moves the folder into place.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)  # a new name: one rename, nothing to move aside
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
     return final
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `latest` points at, or None for a fresh run."""
-    pointer = Path(run_dir) / "checkpoints" / LATEST
-    return pointer.parent / pointer.read_text().strip() if pointer.exists() else None
+    """The newest complete checkpoint (step folders appear whole or not at all), or None for a fresh run."""
+    steps = sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"))
+    return steps[-1] if steps else None
 
 
-def load_checkpoint(path: str | Path, model: BUSGenUNet, optimizer: torch.optim.Optimizer,
-                    lr_scheduler: Any, ema: Any | None = None) -> int:
-    """Restore everything `save_checkpoint` wrote into live objects; returns the step to continue from."""
-    path = Path(path)
-    stored = read_config(path)
-    if stored != model.config:
-        diff = {k: (v, getattr(model.config, k)) for k, v in stored.to_dict().items()
-                if model.config.to_dict().get(k) != v}
-        raise UsageError(f"{path}: checkpoint was written for another model configuration; "
-                         f"differences (checkpoint, requested): {diff}; resume with the options the run was "
-                         "started with (--profile, --box-mode) or choose another --out")
-    model.load_state_dict(load_file(path / WEIGHTS_FILE))
-    state = json.loads((path / STATE_FILE).read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(path / OPTIMIZER_FILE), state["optimizer"]))
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if ema is not None:
-        if "ema" not in state:
-            raise ValueError(f"{path}: run resumed with EMA but the checkpoint has none")
-        shadow = load_file(path / EMA_FILE)
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-    return int(state["step"])
-
-
-def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
-    """LR-schedule and EMA states are numbers and lists (LambdaLR stores its plain functions as None)."""
-    return {k: (v.item() if torch.is_tensor(v) else v) for k, v in state.items()
-            if not callable(v)}
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> None:
+    """`accelerator.load_state(path)`, with a DataError naming a checkpoint it cannot read (damaged, or written
+    by busgen before checkpoints were accelerate's)."""
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        raise DataError(f"{path}: cannot resume from this checkpoint ({str(err).splitlines()[0]}); it is damaged or "
+                        "from an older busgen: delete it to resume from the one before, or start a new --out") from None

@@ -6,10 +6,10 @@ an untrained adapter changes nothing). What is ours is the glue:
 
 * which layers: attention projections, residual-block convolutions, and the
   condition/time projections (`TARGETS`), selectable by name;
-* adapter folders that live apart from the base (`adapter_config.json` +
-  `adapter.safetensors`, a few percent of the base) and name the base they
-  were trained on by a fingerprint of its weights, so that loading one onto
-  another base is refused;
+* adapter folders in peft's own format, apart from the base (`LoraConfig.save_pretrained`'s
+  `adapter_config.json` + `get_peft_model_state_dict` in `adapter_model.safetensors`, a
+  few percent of the base), whose weights file names the base they were trained
+  on by a fingerprint of its weights, so that loading one onto another base is refused;
 * several named adapters beside one base, switched with `use_adapter`;
 * `merge_adapter`: folds an adapter into a plain `BUSGenUNet` for sampling at
   the base model's speed;
@@ -22,7 +22,6 @@ import copy
 import hashlib
 import json
 import re
-import shutil
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,10 +30,12 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, load_peft_weights
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from busgen_lib.data.manifest import read_manifest
-from busgen_lib.diffusion.checkpoint import load_model, read_weights
+from busgen_lib.diffusion.checkpoint import atomic_folder, load_model
 from busgen_lib.diffusion.model import BUSGenUNet
 from busgen_lib.diffusion.train import (BOX_PRIOR_FILE, TrainConfig, check_run_settings, check_train_config,
                                         file_digest, fit, fit_box_prior, make_accelerator, refuse_overwrite,
@@ -42,7 +43,7 @@ from busgen_lib.diffusion.train import (BOX_PRIOR_FILE, TrainConfig, check_run_s
 from busgen_lib.errors import DataError, UsageError
 from busgen_lib.profiles import ADAPT, get_profile
 
-ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter.safetensors"
+ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME  # peft's names
 ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 RESERVED_NAMES = ("default", "weight", "bias")  # peft's and torch's own attribute names on an adapted layer
 
@@ -109,15 +110,15 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
-def add_adapter(model: BUSGenUNet, name: str, config: AdapterConfig = AdapterConfig()) -> BUSGenUNet:
+def add_adapter(model: BUSGenUNet, name: str, config: AdapterConfig | LoraConfig = AdapterConfig()) -> BUSGenUNet:
     """Inject a new, untrained adapter `name` and make it the active one; base weights are frozen."""
     check_adapter_name(name)
     if name in adapter_names(model):
         raise ValueError(f"the model already has an adapter named {name!r}")
+    lora_config = config.lora_config() if isinstance(config, AdapterConfig) else config
     with warnings.catch_warnings():  # peft warns that a second adapter is being added: here that is the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        inject_adapter_in_model(config.lora_config(), model, adapter_name=name)
-    model._busgen_adapters = {**getattr(model, "_busgen_adapters", {}), name: config}
+        inject_adapter_in_model(lora_config, model, adapter_name=name)
     use_adapter(model, name)
     return model
 
@@ -138,34 +139,48 @@ def use_adapter(model: BUSGenUNet, name: str | None) -> None:
 
 def save_adapter(model: BUSGenUNet, name: str, out: str | Path, base: str = "",
                  extra_files: dict[str, str] | None = None) -> Path:
-    """Write adapter `name` as its own folder, atomically; `base` notes where its base model lives."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    """Write adapter `name` as its own folder in peft's format, atomically; `base` notes where its base lives.
+
+    The weights file's metadata carries the adapter's name and the fingerprint of
+    the base weights it was trained on (peft has no field for either).
+    """
+    lora_config = copy.copy(model.peft_config[name])
+    lora_config.base_model_name_or_path = str(base)
     state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
-    save_file(state, tmp / ADAPTER_WEIGHTS_FILE)
-    meta = {"name": name, "lora": asdict(model._busgen_adapters[name]), "base_model": str(base),
-            "base_fingerprint": base_fingerprint(model), "base_config": model.config.to_dict()}
-    (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-    for file, text in (extra_files or {}).items():
-        (tmp / file).write_text(text)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    with atomic_folder(out) as tmp:
+        lora_config.save_pretrained(str(tmp))
+        save_file(state, tmp / ADAPTER_WEIGHTS_FILE,
+                  metadata={"format": "pt", "adapter_name": name, "base_fingerprint": base_fingerprint(model)})
+        for file, text in (extra_files or {}).items():
+            (tmp / file).write_text(text)
+    return Path(out)
 
 
 def read_adapter_meta(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / ADAPTER_CONFIG_FILE
-    if not path.exists():
+    """An adapter folder's LoRA configuration, name, base path and base fingerprint, or a DataError saying what
+    is wrong with the folder."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG_FILE).is_file():
         raise DataError(f"{folder}: no {ADAPTER_CONFIG_FILE}; is this a busgen adapter folder (the adapter/ folder "
                         "of an adapt run)?")
     try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not readable as JSON ({err}); copy the adapter folder again") from None
+        lora_config = LoraConfig.from_pretrained(str(folder))
+    except (ValueError, TypeError, OSError) as err:
+        raise DataError(f"{folder / ADAPTER_CONFIG_FILE}: not a readable LoRA configuration ({err}); "
+                        "copy the adapter folder again") from None
+    weights = folder / ADAPTER_WEIGHTS_FILE
+    if not weights.is_file():
+        raise DataError(f"{weights}: weights file not found; the adapter folder is incomplete (copy it again)")
+    try:
+        with safe_open(weights, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors' own SafetensorError on damaged files
+        raise DataError(f"{weights}: cannot read the weights ({err}); copy the adapter folder again") from None
+    if "base_fingerprint" not in meta:
+        raise DataError(f"{weights}: no base-model fingerprint in its metadata; not an adapter written by busgen "
+                        "(save_adapter), so the base it belongs to is unknown")
+    return {"lora": lora_config, "name": meta["adapter_name"], "base_model": lora_config.base_model_name_or_path,
+            "base_fingerprint": meta["base_fingerprint"]}
 
 
 def load_adapter(model: BUSGenUNet, folder: str | Path, name: str | None = None) -> str:
@@ -181,8 +196,8 @@ def load_adapter(model: BUSGenUNet, folder: str | Path, name: str | None = None)
                          f"({meta['base_model'] or 'unnamed'}, weights {meta['base_fingerprint'][:12]}…), "
                          f"not on this one (weights {fingerprint[:12]}…); load the base it was trained for")
     name = name or meta["name"]
-    add_adapter(model, name, AdapterConfig(**meta["lora"]))
-    result = set_peft_model_state_dict(model, read_weights(Path(folder) / ADAPTER_WEIGHTS_FILE), adapter_name=name)
+    add_adapter(model, name, meta["lora"])
+    result = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"), adapter_name=name)
     missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
     if result.unexpected_keys or missing:
         raise DataError(f"{folder}: adapter weights do not fit its configuration: "
@@ -198,9 +213,8 @@ def merge_adapter(model: BUSGenUNet, name: str) -> BUSGenUNet:
         layer.merge(adapter_names=[name])
         parent, _, child = module_name.rpartition(".")
         setattr(merged.get_submodule(parent) if parent else merged, child, layer.get_base_layer())
-    for attr in ("peft_config", "_busgen_adapters"):
-        if hasattr(merged, attr):
-            delattr(merged, attr)
+    if hasattr(merged, "peft_config"):
+        del merged.peft_config
     for param in merged.parameters():
         param.requires_grad_(True)
     return merged

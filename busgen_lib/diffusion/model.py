@@ -27,12 +27,13 @@ affordable on a GPU with PyTorch's fused attention, not on a CPU.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import ConfigMixin, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from busgen_lib.data.dataset import boxes_to_mask
@@ -40,101 +41,6 @@ from busgen_lib.diffusion.conditions import ConditionEncoder
 from busgen_lib.profiles import SAMPLING, UNET, get_profile
 
 ARCHITECTURE = "busgen-unet2d-v1"
-
-
-# --------------------------------------------------------------------------- configuration
-
-@dataclass(frozen=True)
-class BUSGenConfig:
-    """Everything that fixes the network's shape and its noise schedule; saved with each checkpoint."""
-
-    profile: str
-    image_size: int
-    device_names: tuple[str, ...]
-    block_out_channels: tuple[int, ...]
-    attention_levels: tuple[bool, ...]  # self-attention in the encoder level i (decoder has none)
-    layers_per_block: int = 2
-    mid_attention: bool = True
-    attention_head_dim: int | None = None  # None: one head over all channels, as the reference
-    resample: str = "conv"  # "conv" | "resnet" (learned resampling blocks)
-    time_scale_shift: str = "default"  # "default" (additive) | "scale_shift" (FiLM)
-    norm_num_groups: int = 32
-    dropout: float = 0.0
-    cond_dim: int | None = None  # width of the condition embeddings; None: block_out_channels[0]
-    box_mode: str = "mask"  # "mask" (reference) | "embedding" (paper text) | "both"
-    max_boxes: int = 4
-    box_freqs: int = 8
-    p_uncond: float = 0.1
-    independent_drop: bool = False
-    num_train_timesteps: int = 500
-    beta_start: float = 1e-4
-    beta_end: float = 0.028
-    offset_noise: float = 0.0  # per-image constant in the training noise (schedule.diffusion_loss); reference: 0
-    architecture: str = ARCHITECTURE
-    in_channels: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "device_names", tuple(self.device_names))
-        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-        object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
-        object.__setattr__(self, "in_channels", 1 + (self.box_mode in ("mask", "both")))
-        if len(self.attention_levels) != len(self.block_out_channels):
-            raise ValueError("attention_levels needs one entry per level of block_out_channels")
-        if self.resample not in ("conv", "resnet"):
-            raise ValueError(f"resample must be 'conv' or 'resnet', got {self.resample!r}")
-
-    @property
-    def num_devices(self) -> int:
-        return len(self.device_names)
-
-    @property
-    def emb_dim(self) -> int:
-        """Width of the timestep embedding (diffusers: 4 × base channels), which the conditions join."""
-        return 4 * self.block_out_channels[0]
-
-    def unet_kwargs(self) -> dict[str, Any]:
-        """The `UNet2DModel` arguments this configuration stands for."""
-        attn_down = "AttnDownBlock2D"
-        plain_down = "ResnetDownsampleBlock2D" if self.resample == "resnet" else "DownBlock2D"
-        up = "ResnetUpsampleBlock2D" if self.resample == "resnet" else "UpBlock2D"
-        return dict(
-            sample_size=self.image_size,
-            in_channels=self.in_channels,
-            out_channels=1,
-            block_out_channels=self.block_out_channels,
-            layers_per_block=self.layers_per_block,
-            down_block_types=tuple(attn_down if a else plain_down for a in self.attention_levels),
-            up_block_types=(up,) * len(self.block_out_channels),
-            downsample_type=self.resample,
-            upsample_type=self.resample,
-            add_attention=self.mid_attention,
-            attention_head_dim=self.attention_head_dim,
-            resnet_time_scale_shift=self.time_scale_shift,
-            norm_num_groups=self.norm_num_groups,
-            dropout=self.dropout,
-            class_embed_type="identity",
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BUSGenConfig:
-        """Inverse of `to_dict`; refuses a checkpoint written for another architecture."""
-        if data.get("architecture", ARCHITECTURE) != ARCHITECTURE:
-            raise ValueError(f"checkpoint architecture {data['architecture']!r} is not {ARCHITECTURE!r}")
-        names = {f.name for f in fields(cls) if f.init}
-        unknown = set(data) - names - {"in_channels"}
-        if unknown:
-            raise ValueError(f"unknown config fields {sorted(unknown)}; was the checkpoint written by a newer busgen?")
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    @classmethod
-    def from_json(cls, text: str) -> BUSGenConfig:
-        return cls.from_dict(json.loads(text))
 
 
 # --------------------------------------------------------------------------- profile tables
@@ -152,33 +58,87 @@ class SamplingDefaults:
 SAMPLING_DEFAULTS: dict[str, SamplingDefaults] = {name: SamplingDefaults(**values) for name, values in SAMPLING.items()}
 
 
-def config_for_profile(profile: str, device_names: tuple[str, ...] | list[str], **overrides: Any) -> BUSGenConfig:
-    """The model configuration of a run profile; `overrides` replace single fields (e.g. box_mode)."""
+def config_for_profile(profile: str, device_names: Sequence[str], **overrides: Any) -> dict[str, Any]:
+    """The `BUSGenUNet` arguments of a run profile; `overrides` replace single ones (e.g. box_mode)."""
     prof = get_profile(profile)
-    sizes = UNET[prof.name]
-    config = BUSGenConfig(profile=prof.name, image_size=prof.image_size, device_names=tuple(device_names),
-                          max_boxes=prof.max_boxes, **sizes)
-    return replace(config, **overrides) if overrides else config
+    return {"profile": prof.name, "image_size": prof.image_size, "device_names": tuple(device_names),
+            "max_boxes": prof.max_boxes, **UNET[prof.name], **overrides}
 
 
 # --------------------------------------------------------------------------- network
 
-class BUSGenUNet(nn.Module):
-    """ε_θ(x_t, t, c) with c = (pathology, device, boxes): the network of eq. 1 and eq. 2."""
+class BUSGenUNet(ModelMixin, ConfigMixin):
+    """ε_θ(x_t, t, c) with c = (pathology, device, boxes): the network of eq. 1 and eq. 2.
 
-    def __init__(self, config: BUSGenConfig):
+    A diffusers model: its arguments are its configuration (`model.config.profile`,
+    `.image_size`, `.device_names`, the schedule's `.num_train_timesteps`,
+    `.beta_start`, `.beta_end`, ...), and `save_pretrained` / `from_pretrained`
+    write and read `config.json` + `diffusion_pytorch_model.safetensors`.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        profile: str,
+        image_size: int,
+        device_names: Sequence[str],
+        block_out_channels: Sequence[int],
+        attention_levels: Sequence[bool],  # self-attention in the encoder level i (decoder has none)
+        layers_per_block: int = 2,
+        mid_attention: bool = True,
+        attention_head_dim: int | None = None,  # None: one head over all channels, as the reference
+        resample: str = "conv",  # "conv" | "resnet" (learned resampling blocks)
+        time_scale_shift: str = "default",  # "default" (additive) | "scale_shift" (FiLM)
+        norm_num_groups: int = 32,
+        dropout: float = 0.0,
+        cond_dim: int | None = None,  # width of the condition embeddings; None: block_out_channels[0]
+        box_mode: str = "mask",  # "mask" (reference) | "embedding" (paper text) | "both"
+        max_boxes: int = 4,
+        box_freqs: int = 8,
+        p_uncond: float = 0.1,
+        independent_drop: bool = False,
+        num_train_timesteps: int = 500,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.028,
+        offset_noise: float = 0.0,  # per-image constant in the training noise (schedule.diffusion_loss); reference: 0
+        architecture: str = ARCHITECTURE,
+    ):
         super().__init__()
-        self.config = config
+        if architecture != ARCHITECTURE:
+            raise ValueError(f"model architecture {architecture!r} is not {ARCHITECTURE!r}")
+        if len(attention_levels) != len(block_out_channels):
+            raise ValueError("attention_levels needs one entry per level of block_out_channels")
+        if resample not in ("conv", "resnet"):
+            raise ValueError(f"resample must be 'conv' or 'resnet', got {resample!r}")
+        emb_dim = 4 * block_out_channels[0]  # the timestep embedding's width (diffusers), which the conditions join
         self.conditions = ConditionEncoder(
-            emb_dim=config.emb_dim,
-            num_devices=config.num_devices,
-            cond_dim=config.cond_dim or config.block_out_channels[0],
-            box_mode=config.box_mode,
-            p_uncond=config.p_uncond,
-            independent_drop=config.independent_drop,
-            box_freqs=config.box_freqs,
+            emb_dim=emb_dim,
+            num_devices=len(device_names),
+            cond_dim=cond_dim or block_out_channels[0],
+            box_mode=box_mode,
+            p_uncond=p_uncond,
+            independent_drop=independent_drop,
+            box_freqs=box_freqs,
         )
-        self.unet = UNet2DModel(**config.unet_kwargs())
+        plain_down = "ResnetDownsampleBlock2D" if resample == "resnet" else "DownBlock2D"
+        up = "ResnetUpsampleBlock2D" if resample == "resnet" else "UpBlock2D"
+        self.unet = UNet2DModel(
+            sample_size=image_size,
+            in_channels=1 + (box_mode in ("mask", "both")),  # the box mask is an extra input channel
+            out_channels=1,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            down_block_types=tuple("AttnDownBlock2D" if a else plain_down for a in attention_levels),
+            up_block_types=(up,) * len(block_out_channels),
+            downsample_type=resample,
+            upsample_type=resample,
+            add_attention=mid_attention,
+            attention_head_dim=attention_head_dim,
+            resnet_time_scale_shift=time_scale_shift,
+            norm_num_groups=norm_num_groups,
+            dropout=dropout,
+            class_embed_type="identity",
+        )
 
     def forward(
         self,
@@ -211,9 +171,14 @@ class BUSGenUNet(nn.Module):
         return self.unet(x_t, t, class_labels=emb).sample
 
 
-def build_model(profile: str, device_names: tuple[str, ...] | list[str], **overrides: Any) -> BUSGenUNet:
+def build_model(profile: str, device_names: Sequence[str], **overrides: Any) -> BUSGenUNet:
     """A freshly initialised BUSGen UNet for a run profile."""
-    return BUSGenUNet(config_for_profile(profile, device_names, **overrides))
+    return BUSGenUNet(**config_for_profile(profile, device_names, **overrides))
+
+
+def model_settings(model: ConfigMixin) -> dict[str, Any]:
+    """A diffusers model's arguments as plain JSON values (run records compare them; diffusers adds private `_` keys)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items() if not k.startswith("_")}
 
 
 def count_parameters(module: nn.Module) -> int:

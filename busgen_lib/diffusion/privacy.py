@@ -46,17 +46,22 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.utils import CONFIG_NAME
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 from tqdm.auto import tqdm
 
-from busgen_lib.diffusion.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_weights, write_weights_folder
+from busgen_lib.diffusion.checkpoint import atomic_folder, load_pretrained
 from busgen_lib.diffusion.schedule import ScheduleConfig, ddpm_scheduler, q_sample
 from busgen_lib.diffusion.train import weights_digest
 from busgen_lib.errors import DataError, UsageError
@@ -71,39 +76,7 @@ PROTECT_FILE = "protect.json"  # what a saved classifier was trained for (protec
 
 # --------------------------------------------------------------------------- the classifier
 
-@dataclass(frozen=True)
-class CPSampleConfig:
-    """The classifier's shape plus the diffusion schedule it was trained on (saved with it)."""
-
-    image_size: int
-    num_train_timesteps: int
-    beta_start: float
-    beta_end: float
-    widths: tuple[int, ...] = (32, 64, 64)
-    norm_num_groups: int = 8
-    architecture: str = ARCHITECTURE
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-
-    def to_json(self) -> str:
-        return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()},
-                          indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> CPSampleConfig:
-        data = json.loads(text)
-        if data.get("architecture") != ARCHITECTURE:
-            raise ValueError(f"not a CPSample classifier: architecture {data.get('architecture')!r}, "
-                             f"expected {ARCHITECTURE!r}")
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown config fields {sorted(unknown)}; written by a newer busgen?")
-        return cls(**data)
-
-
-class NoiseAwareClassifier(nn.Module):
+class NoiseAwareClassifier(ModelMixin, ConfigMixin):
     """f_φ(x_t, t) → logit of "label 1": diffusers ResNet blocks with a timestep embedding.
 
     The timestep embedding (sinusoidal + MLP, as in the UNet) enters every block,
@@ -113,22 +86,28 @@ class NoiseAwareClassifier(nn.Module):
     global mean, as in recognition nets: memorising a bit per image needs *where*
     things are, which a mean averages away (16 noise images, 300 steps: train
     accuracy 0.5 with a mean head, 1.0 with a flat one).
+
+    A diffusers model like the UNet: its arguments (shape, and the diffusion
+    schedule it was trained on) are its `config`, saved by `save_pretrained`.
     """
 
-    def __init__(self, config: CPSampleConfig):
+    @register_to_config
+    def __init__(self, image_size: int, num_train_timesteps: int, beta_start: float, beta_end: float,
+                 widths: Sequence[int] = (32, 64, 64), norm_num_groups: int = 8, architecture: str = ARCHITECTURE):
         super().__init__()
-        self.config = config
-        base, groups = config.widths[0], config.norm_num_groups
+        if architecture != ARCHITECTURE:
+            raise ValueError(f"not a CPSample classifier: architecture {architecture!r}, expected {ARCHITECTURE!r}")
+        base, groups = widths[0], norm_num_groups
         temb = 4 * base
         self.time_proj = Timesteps(base, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(base, temb)
         self.conv_in = nn.Conv2d(1, base, 3, padding=1)
-        widths_in = (base, *config.widths[:-1])
+        widths_in = (base, *widths[:-1])
         self.blocks = nn.ModuleList(ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=temb,
-                                                  groups=groups) for cin, cout in zip(widths_in, config.widths))
-        self.norm_out = nn.GroupNorm(groups, config.widths[-1])
-        side = config.image_size // 2 ** (len(config.widths) - 1)
-        self.head = nn.Linear(config.widths[-1] * side * side, 1)
+                                                  groups=groups) for cin, cout in zip(widths_in, widths))
+        self.norm_out = nn.GroupNorm(groups, widths[-1])
+        side = image_size // 2 ** (len(widths) - 1)
+        self.head = nn.Linear(widths[-1] * side * side, 1)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """(B,) logits for images x_t (B, 1, S, S) at timesteps t (scalar or (B,))."""
@@ -143,11 +122,11 @@ class NoiseAwareClassifier(nn.Module):
 
 
 def classifier_config(schedule: ScheduleConfig, image_size: int, widths: tuple[int, ...] = (32, 64, 64),
-                      norm_num_groups: int = 8) -> CPSampleConfig:
-    """A classifier configuration on a diffusion model's schedule (pass `model.config`)."""
-    return CPSampleConfig(image_size=image_size, num_train_timesteps=schedule.num_train_timesteps,
-                          beta_start=schedule.beta_start, beta_end=schedule.beta_end, widths=widths,
-                          norm_num_groups=norm_num_groups)
+                      norm_num_groups: int = 8) -> dict[str, Any]:
+    """The `NoiseAwareClassifier` arguments on a diffusion model's schedule (pass `model.config`)."""
+    return dict(image_size=image_size, num_train_timesteps=schedule.num_train_timesteps,
+                beta_start=schedule.beta_start, beta_end=schedule.beta_end, widths=tuple(widths),
+                norm_num_groups=norm_num_groups)
 
 
 # --------------------------------------------------------------------------- training
@@ -219,7 +198,7 @@ def train_cpsample_classifier(images: torch.Tensor, schedule: ScheduleConfig, *,
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
     start = time.perf_counter()
     torch.manual_seed(seed)
-    classifier = NoiseAwareClassifier(classifier_config(schedule, images.shape[-1], widths))
+    classifier = NoiseAwareClassifier(**classifier_config(schedule, images.shape[-1], widths))
     scheduler = ddpm_scheduler(schedule)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -272,7 +251,7 @@ def protect(images: torch.Tensor, schedule: ScheduleConfig, folder: str | Path, 
     record = {"images": protected_set_fingerprint(images), "n_images": len(images), "steps": steps, "seed": seed}
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder}: --out must be a folder, but a file of that name exists")
-    if (folder / CONFIG_FILE).exists():
+    if (folder / CONFIG_NAME).exists():
         classifier = load_classifier(folder)
         _check_same_training(folder, classifier, record, images.shape[-1], schedule)
         labels = random_labels(len(images), seed)
@@ -377,21 +356,16 @@ class CPSampleGuidance:
 # --------------------------------------------------------------------------- files
 
 def save_classifier(classifier: NoiseAwareClassifier, out: str | Path, record: dict | None = None) -> Path:
-    """Write a classifier folder (`config.json`, `model.safetensors`, and `protect.json` when given) atomically."""
-    extra = {PROTECT_FILE: json.dumps(record, indent=1)} if record is not None else None
-    return write_weights_folder(classifier, classifier.config.to_json(), out, extra_files=extra)
+    """`save_pretrained` into `out` atomically, with `protect.json` (what it was trained for) when given."""
+    with atomic_folder(out) as tmp:
+        classifier.save_pretrained(tmp)
+        if record is not None:
+            (tmp / PROTECT_FILE).write_text(json.dumps(record, indent=1))
+    return Path(out)
 
 
 def load_classifier(folder: str | Path, map_location: str = "cpu") -> NoiseAwareClassifier:
-    """Rebuild a classifier written by `save_classifier`, in eval mode."""
-    folder = Path(folder)
-    if not (folder / CONFIG_FILE).exists():
-        raise DataError(f"{folder}: no {CONFIG_FILE}; is this a CPSample classifier folder (from `protect`)?")
-    try:
-        config = CPSampleConfig.from_json((folder / CONFIG_FILE).read_text())
-    except (ValueError, TypeError) as err:
-        raise DataError(f"{folder / CONFIG_FILE}: {err}; is this a CPSample classifier folder?") from None
-    classifier = NoiseAwareClassifier(config)
-    classifier.load_state_dict(read_weights(folder / WEIGHTS_FILE, map_location))
-    return classifier.eval()
-
+    """`NoiseAwareClassifier.from_pretrained`, in eval mode, with a DataError naming a folder that is not one."""
+    classifier = load_pretrained(NoiseAwareClassifier, folder, "a CPSample classifier folder (from `protect`)",
+                                 "delete the folder to train the classifier again")
+    return classifier.to(map_location).eval()

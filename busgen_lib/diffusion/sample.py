@@ -1,21 +1,28 @@
-"""Sampling BUSGen (§4.3.2): classifier-free guidance (eq. 2) driving diffusers' solvers.
+"""Sampling BUSGen (§4.3.2): classifier-free guidance (eq. 2) driving a diffusers solver.
 
-The solvers are diffusers' schedulers, built `from_config` of the training
-DDPM scheduler so that they share its β's:
+The whole algorithm is `sample`'s loop; for conditions c and guidance weight w:
+
+    x_T ~ N(0, I)
+    for t in the solver's timesteps (T − 1 first):
+        ε̃   = (1 + w) ε_θ(x_t, t, c) − w ε_θ(x_t, t)          eq. 2: classifier-free guidance (`cfg_eps`)
+        ε̃  += cond_fn(x_t, t, ε̃)                              further guidance, e.g. CPSample (privacy.py)
+        x̂_0 = (x_t − √(1 − ᾱ_t) ε̃) / √ᾱ_t, clipped to [−1, 1]  the clean image that ε̃ points at
+        x_t' = solver step from x_t toward x̂_0 (t' < t)        diffusers: DPM-Solver++ or DDPM
+    return x_0
+
+The solvers are diffusers' schedulers, built `from_config` of the training DDPM
+scheduler so that they share its β's, and given x̂_0 (`prediction_type="sample"`):
 
 * "dpmsolver++-singlestep": `DPMSolverSinglestepScheduler`, the reference (order 3, 50 steps);
 * "dpmsolver++": `DPMSolverMultistepScheduler` (diffusers' default sampler, order 2);
-* "ddpm": `DDPMScheduler.step`, the ancestral sampler, as a slow reference.
+* "ddpm": `DDPMScheduler`, the ancestral sampler, as a slow reference.
 
-What is ours is the guidance and the loop. Guidance meets in one place: the
-guided noise of eq. 2 (`cfg_eps`) plus an optional `cond_fn(x_t, t, eps)` hook
-whose output is added to ε — the guided-diffusion way of plugging in further
-guidance (e.g. CPSample privacy guidance) without copying the sampler.
-
-Clipping: with `clip_x0=True` (default) every x_0 prediction is clipped to
-[-1, 1] (DDPM `clip_sample`, DPM-Solver++ `thresholding` with
-`sample_max_value=1`, which reduces dynamic thresholding to a static clip) and
-the result is clamped; `clip_x0=False` leaves the solvers exact (analytic tests).
+DPM-Solver++ is itself written in x̂_0 (it extrapolates the x̂_0 of the last
+steps), so handing it x̂_0 changes nothing in its update; what it makes visible
+is the clipping, which diffusers would otherwise apply inside the step.
+`clip_x0=False` leaves the solvers exact (analytic tests). These are
+variance-preserving solvers: the start noise has σ = 1 and they need no input
+scaling (their `init_noise_sigma` is 1 and `scale_model_input` the identity).
 """
 
 from __future__ import annotations
@@ -36,6 +43,52 @@ COND_KEYS = ("pathology", "device", "boxes", "box_valid", "box_mask")
 
 CondFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | list[torch.Generator] | None
+
+
+def sample(
+    model: nn.Module,
+    cond: Mapping[str, torch.Tensor | None],
+    *,
+    sampler: str = "dpmsolver++-singlestep",
+    steps: int = 50,
+    order: int = 3,
+    guidance: float = 1.8,
+    generator: Generators = None,
+    seeds: Sequence[int] | None = None,
+    cond_fn: CondFn | None = None,
+    clip_x0: bool = True,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Draw one image per row of `cond` (pathology, device, boxes, box_valid, optional box_mask) → (B, 1, S, S).
+
+    The loop is the algorithm of the module docstring. `cond_fn` runs outside
+    `no_grad`, so it may differentiate with respect to x_t. For noise that
+    belongs to a sample rather than to a batch, pass `seeds` (one per sample) or
+    a list of generators. The model runs in eval mode (no condition dropout) and is restored after.
+    """
+    generator = _generators(generator, seeds, batch=cond["pathology"].shape[0])
+    size = model.config.image_size
+    device = cond["pathology"].device
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    solver = make_scheduler(model.config, sampler, steps, order)
+    alpha_bar = solver.alphas_cumprod.to(device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        x = randn_tensor((cond["pathology"].shape[0], 1, size, size), generator=generator, device=device, dtype=dtype)
+        for t in tqdm(solver.timesteps, desc=f"{sampler} sampling", disable=not progress):
+            with torch.no_grad():
+                eps = cfg_eps(model, x, t, cond, guidance)                         # eq. 2
+            if cond_fn is not None:
+                eps = eps + cond_fn(x, t, eps)                                     # e.g. CPSample
+            x0 = (x - (1 - alpha_bar[t]).sqrt() * eps) / alpha_bar[t].sqrt()       # x̂_0 that ε̃ implies
+            if clip_x0:
+                x0 = x0.clamp(-1.0, 1.0)
+            x = solver.step(x0.to(x.dtype), t, x, generator=generator).prev_sample  # x_t → x_t'
+    finally:
+        model.train(was_training)
+    return x.clamp(-1.0, 1.0) if clip_x0 else x
 
 
 # --------------------------------------------------------------------------- guidance
@@ -59,25 +112,22 @@ def cfg_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor | int, cond: Mapp
     return (1 + w) * eps_cond - w * eps_uncond
 
 
-# --------------------------------------------------------------------------- solvers
+# --------------------------------------------------------------------------- solvers and noise
 
-def make_scheduler(config: ScheduleConfig, sampler: str, steps: int, order: int = 3,
-                   clip_x0: bool = True) -> SchedulerMixin:
-    """A diffusers sampler on the training β's, with `steps` timesteps set (starting at t = T − 1)."""
+def make_scheduler(config: ScheduleConfig, sampler: str, steps: int, order: int = 3) -> SchedulerMixin:
+    """A diffusers solver on the training β's that takes x̂_0, with `steps` timesteps set (starting at t = T − 1)."""
     base = ddpm_scheduler(config).config
     if sampler == "ddpm":
         # "trailing" so that a shortened chain still starts from pure noise at t = T − 1.
-        scheduler = DDPMScheduler.from_config(base, clip_sample=clip_x0, clip_sample_range=1.0,
-                                              timestep_spacing="trailing")
+        scheduler = DDPMScheduler.from_config(base, prediction_type="sample", timestep_spacing="trailing")
     elif sampler == "dpmsolver++":
         scheduler = DPMSolverMultistepScheduler.from_config(
-            base, algorithm_type="dpmsolver++", solver_order=order, timestep_spacing="linspace",
-            thresholding=clip_x0, sample_max_value=1.0)
+            base, prediction_type="sample", algorithm_type="dpmsolver++", solver_order=order,
+            timestep_spacing="linspace")
     elif sampler == "dpmsolver++-singlestep":
         # lower_order_final handles step counts that are not a multiple of the order.
         scheduler = DPMSolverSinglestepScheduler.from_config(
-            base, algorithm_type="dpmsolver++", solver_order=order, lower_order_final=True,
-            thresholding=clip_x0, sample_max_value=1.0)
+            base, prediction_type="sample", algorithm_type="dpmsolver++", solver_order=order, lower_order_final=True)
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     scheduler.set_timesteps(steps)
@@ -89,56 +139,11 @@ def per_sample_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-@torch.no_grad()
-def _denoise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor | None],
-             w: float) -> torch.Tensor:
-    return cfg_eps(model, x, t, cond, w)
-
-
-def sample(
-    model: nn.Module,
-    cond: Mapping[str, torch.Tensor | None],
-    *,
-    sampler: str = "dpmsolver++-singlestep",
-    steps: int = 50,
-    order: int = 3,
-    guidance: float = 1.8,
-    generator: Generators = None,
-    seeds: Sequence[int] | None = None,
-    cond_fn: CondFn | None = None,
-    clip_x0: bool = True,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Draw one image per row of `cond` (pathology, device, boxes, box_valid, optional box_mask) → (B, 1, S, S).
-
-    Each step evaluates ε̃ of eq. 2 (`cfg_eps`), adds `cond_fn(x_t, t, ε̃)` if
-    given, and lets the solver step. `cond_fn` runs outside `no_grad`, so it may
-    differentiate with respect to x_t. For noise that belongs to a sample rather
-    than to a batch, pass `seeds` (one per sample) or a list of generators.
-    The model is run in eval mode (no condition dropout) and restored after.
-    """
+def _generators(generator: Generators, seeds: Sequence[int] | None, batch: int) -> Generators:
     if seeds is not None:
         if generator is not None:
             raise ValueError("pass either seeds or generator, not both")
         generator = per_sample_generators(seeds)
-    batch = cond["pathology"].shape[0]
     if isinstance(generator, list) and len(generator) != batch:
         raise ValueError(f"got {len(generator)} generators/seeds for a batch of {batch} conditions")
-    config = model.config
-    device = cond["pathology"].device
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    scheduler = make_scheduler(config, sampler, steps, order, clip_x0)
-
-    was_training = model.training
-    model.eval()
-    try:
-        shape = (batch, 1, config.image_size, config.image_size)
-        x = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        for t in tqdm(scheduler.timesteps, desc=f"{sampler} sampling", disable=not progress):
-            eps = _denoise(model, scheduler.scale_model_input(x, t), t, cond, guidance)
-            if cond_fn is not None:
-                eps = eps + cond_fn(x, t, eps)
-            x = scheduler.step(eps, t, x, generator=generator).prev_sample
-    finally:
-        model.train(was_training)
-    return x.clamp(-1.0, 1.0) if clip_x0 else x
+    return generator

@@ -29,7 +29,7 @@ from busgen_lib.data.dataset import BUSDataset, ClassBalancedSampler, derive_see
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.diffusion.box_prior import BoxPrior
 from busgen_lib.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
-from busgen_lib.diffusion.model import BUSGenUNet, config_for_profile
+from busgen_lib.diffusion.model import BUSGenUNet, config_for_profile, model_settings
 from busgen_lib.diffusion.schedule import ddpm_scheduler, diffusion_loss
 from busgen_lib.errors import DataError, UsageError
 from busgen_lib.profiles import PRETRAIN, get_profile
@@ -173,6 +173,19 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 # --------------------------------------------------------------------------- the loop
 
+class StepCounter:
+    """The optimisation step as a stateful object, so that accelerate's checkpoints carry it."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """One CPU process, one GPU (bf16) or an `accelerate launch` group of processes."""
     gpu = torch.cuda.is_available()
@@ -215,11 +228,14 @@ def fit(model: BUSGenUNet, dataset: BUSDataset, config: TrainConfig, out: Path, 
     model, optimizer = accelerator.prepare(model, optimizer)
     net = accelerator.unwrap_model(model)
     ema = EMAModel(trainable, decay=config.ema_decay) if config.ema_decay else None
-    if ema is not None:
-        ema.to(accelerator.device)
-    step = 0
+    counter = StepCounter()
+    # accelerate's save_state/load_state then carry them beside the model, optimizer and RNG states.
+    accelerator.register_for_checkpointing(lr_scheduler, counter, *([ema] if ema is not None else []))
     if resume and (ckpt := latest_checkpoint(out)) is not None:
-        step = load_checkpoint(ckpt, net, optimizer.optimizer, lr_scheduler, ema)
+        load_checkpoint(accelerator, ckpt)
+    if ema is not None:
+        ema.to(accelerator.device)  # load_state restores registered objects on the CPU
+    step = counter.step
     noise_schedule = ddpm_scheduler(net.config)
     out.mkdir(parents=True, exist_ok=True)
     log = LossLog(out, step) if accelerator.is_main_process else None
@@ -247,6 +263,7 @@ def fit(model: BUSGenUNet, dataset: BUSDataset, config: TrainConfig, out: Path, 
             if ema is not None:
                 ema.step(trainable)
             step += 1
+            counter.step = step
             bar.update(1)
             mean_loss = accelerator.reduce(loss.detach(), "mean").item()
             if log is not None and (step % config.log_every == 0 or step == config.steps):
@@ -255,9 +272,7 @@ def fit(model: BUSGenUNet, dataset: BUSDataset, config: TrainConfig, out: Path, 
                           images_per_s=config.batch_size * config.log_every / max(elapsed, 1e-9))
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
             if step % config.checkpoint_every == 0 or step == config.steps:
-                if accelerator.is_main_process:
-                    save_checkpoint(out, step, net, optimizer.optimizer, lr_scheduler, ema)
-                accelerator.wait_for_everyone()
+                save_checkpoint(accelerator, out, step)
             if step >= config.steps:
                 break
     bar.close()
@@ -290,10 +305,10 @@ def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: boo
     dataset, train_df = train_dataset(df, profile, config, source=manifest)
     prior = fit_box_prior(train_df, manifest)
     torch.manual_seed(config.seed)  # identical initial weights on every process
-    model = BUSGenUNet(config_for_profile(profile, dataset.device_vocab, **(model_overrides or {})))
+    model = BUSGenUNet(**config_for_profile(profile, dataset.device_vocab, **(model_overrides or {})))
     check_run_settings(out, {"command": "pretrain", "profile": profile, "manifest": file_digest(manifest),
                              **asdict(config),
-                             **{f"model.{k}": v for k, v in model.config.to_dict().items()}}, resume,
+                             **{f"model.{k}": v for k, v in model_settings(model).items()}}, resume,
                        write=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     net = fit(model, dataset, config, out, accelerator, resume=resume, progress=progress)
