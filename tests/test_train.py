@@ -44,6 +44,14 @@ def test_resume_after_a_kill_reaches_the_same_weights(tiny_phantom, tmp_path, mo
     steps_logged = [int(line.split(",")[0]) for line in (tmp_path / "killed" / "loss.csv").read_text().splitlines()[1:]]
     assert steps_logged == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing logged twice
 
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train_module, "fit", must_not_train)
+    written = (resumed / "config.json").stat().st_mtime_ns
+    again = pretrain(tiny_phantom, "smoke", tmp_path / "killed", resume=True, train_overrides=STEPS, progress=False)
+    assert again == resumed and (again / "config.json").stat().st_mtime_ns == written and _digest(again) == reference
+
 
 def test_a_different_seed_gives_different_weights(tiny_phantom, tmp_path):
     a = pretrain(tiny_phantom, "smoke", tmp_path / "a", train_overrides={**STEPS, "steps": 2}, progress=False)

@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
+from diffusers.utils import CONFIG_NAME
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -282,6 +283,12 @@ def fit(model: BUSGenUNet, dataset: BUSDataset, config: TrainConfig, out: Path, 
     return net
 
 
+def finished(out: Path, steps: int) -> bool:
+    """Whether the run in `out` checkpointed its last step (the final step is always checkpointed)."""
+    latest = latest_checkpoint(out)
+    return latest is not None and int(latest.name.split("-")[-1]) >= steps
+
+
 def refuse_overwrite(out: Path, resume: bool) -> None:
     if not resume and latest_checkpoint(out) is not None:
         raise UsageError(f"{out} already holds a training run; pass --resume to continue it "
@@ -310,9 +317,11 @@ def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: boo
                              **asdict(config),
                              **{f"model.{k}": v for k, v in model_settings(model).items()}}, resume,
                        write=accelerator.is_main_process)
+    model_dir = out / "model"
+    if resume and finished(out, config.steps) and (model_dir / CONFIG_NAME).exists():
+        return model_dir  # a finished run (notebooks call pretrain on every run): nothing to load or rewrite
     accelerator.wait_for_everyone()
     net = fit(model, dataset, config, out, accelerator, resume=resume, progress=progress)
-    model_dir = out / "model"
     if accelerator.is_main_process:
         save_model(net, model_dir, extra_files={BOX_PRIOR_FILE: json.dumps(prior.to_json())})
     accelerator.wait_for_everyone()
