@@ -181,14 +181,17 @@ def test_two_sample_test_separates_different_sets_and_not_identical_ones():
 
 # --------------------------------------------------------------------------- the table
 
-def test_realism_table_counts_exact_copies_and_none_among_holdout():
+def test_measure_realism_counts_exact_copies_and_none_among_holdout():
     training, holdout = _images(12, seed=11), _images(6, seed=12)
     copies = training[:5].flip(-1).clone()
-    table = realism.realism_table({"copies": copies, "new": _images(5, seed=13)}, training, holdout,
-                                  PixelFeatures(16), k=2)
-    rows = table.set_index("arm")
+    measured = realism.measure_realism({"copies": copies, "new": _images(5, seed=13)}, training, holdout,
+                                       PixelFeatures(16), k=2)
+    rows = measured.table.set_index("arm")
     assert rows.loc["copies", "copies"] == 5 and rows.loc["copies", "max_cosine"] == pytest.approx(1.0)
     assert rows.loc["copies", "max_msssim"] == pytest.approx(1.0, abs=1e-5)
     assert rows.loc["copies", "precision"] == 1.0
     assert rows.loc["real hold-out", "copies"] == 0
-    assert rows.loc["real hold-out", "max_cosine"] == pytest.approx(table.attrs["threshold"])
+    assert rows.loc["real hold-out", "max_cosine"] == pytest.approx(measured.threshold)
+    assert list(rows.index) == ["copies", "new", "real hold-out"]
+    np.testing.assert_array_equal(measured.neighbours["copies"].index, range(5))
+    assert measured.neighbours["copies"].flipped.all() and len(measured.msssim["new"]) == 5

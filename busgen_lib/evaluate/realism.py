@@ -215,32 +215,43 @@ def two_sample_test(real: torch.Tensor, generated: torch.Tensor, real_groups: Se
 
 # --------------------------------------------------------------------------- one table
 
-def realism_row(generated: torch.Tensor, training: torch.Tensor, features: nn.Module, threshold: float,
-                k: int = 3) -> dict[str, Any]:
-    """Privacy and realism of one image set against the training images: highest and median cosine similarity
-    to the nearest training image, copies above `threshold` (Wilson CI), highest and median MS-SSIM with that
-    neighbour, precision, recall and Fréchet distance to the training features."""
-    nn_ = feature_neighbours(generated, training, features)
-    ssim = msssim(generated, neighbour_images(training, nn_))
-    copies = int((nn_.similarity > threshold).sum())
+def _row(generated: torch.Tensor, training: torch.Tensor, features: nn.Module, threshold: float, found: Neighbours,
+         ssim: np.ndarray, k: int) -> dict[str, Any]:
+    copies = int((found.similarity > threshold).sum())
     rate, lo, hi = proportion_ci(copies, len(generated))
     precision, recall = precision_recall(embed(training, features), embed(generated, features), k)
-    return {"n": len(generated), "max_cosine": float(nn_.similarity.max()),
-            "median_cosine": float(np.median(nn_.similarity)), "copies": copies, "copy_rate": rate,
+    return {"n": len(generated), "max_cosine": float(found.similarity.max()),
+            "median_cosine": float(np.median(found.similarity)), "copies": copies, "copy_rate": rate,
             "copy_ci_lo": lo, "copy_ci_hi": hi, "max_msssim": float(ssim.max()), "median_msssim": float(np.median(ssim)),
             "precision": precision, "recall": recall,
             "frechet_distance": frechet_distance(training, generated, features)}
 
 
-def realism_table(arms: Mapping[str, torch.Tensor], training: torch.Tensor, holdout: torch.Tensor,
-                  features: nn.Module, k: int = 3) -> pd.DataFrame:
-    """One `realism_row` per arm (name → images) plus the `real hold-out` reference row (new real patients:
-    what a generator drawing genuinely new images of the population would score; 0 copies by construction).
-    The threshold (`feature_novelty_threshold`) is in `attrs["threshold"]`."""
-    threshold = feature_novelty_threshold(training, holdout, features)
-    rows = [{"arm": name, **realism_row(images, training, features, threshold, k)} for name, images in arms.items()]
-    rows.append({"arm": "real hold-out", **realism_row(holdout, training, features, threshold, k)})
-    table = pd.DataFrame(rows)
-    table.attrs["threshold"] = threshold
-    return table
+@dataclass
+class Realism:
+    """Per arm: a table row, each image's nearest training neighbour and MS-SSIM with it; the copy threshold."""
 
+    table: pd.DataFrame
+    threshold: float
+    neighbours: dict[str, Neighbours]
+    msssim: dict[str, np.ndarray]
+
+
+def measure_realism(arms: Mapping[str, torch.Tensor], training: torch.Tensor, holdout: torch.Tensor,
+                    features: nn.Module, k: int = 3) -> Realism:
+    """Privacy and realism of each arm (name → images) against the training images, plus a `real hold-out` row.
+
+    Columns: highest and median cosine similarity to the nearest training image,
+    copies above the threshold (`feature_novelty_threshold`) with a Wilson CI,
+    highest and median MS-SSIM with that neighbour, precision and recall (k-NN
+    manifolds) and Fréchet distance to the training features. The hold-out row
+    (new real patients) is what a generator drawing genuinely new images of the
+    population would score; it has 0 copies by construction.
+    """
+    threshold = feature_novelty_threshold(training, holdout, features)
+    sets = {**arms, "real hold-out": holdout}
+    neighbours = {name: feature_neighbours(images, training, features) for name, images in sets.items()}
+    ssim = {name: msssim(images, neighbour_images(training, neighbours[name])) for name, images in sets.items()}
+    rows = [{"arm": name, **_row(images, training, features, threshold, neighbours[name], ssim[name], k)}
+            for name, images in sets.items()]
+    return Realism(pd.DataFrame(rows), threshold, neighbours, ssim)
