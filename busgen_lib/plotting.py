@@ -149,14 +149,16 @@ def similarity_histograms(panels: Mapping[str, Mapping[str, np.ndarray]], xlabel
                           lines: Mapping[str, Mapping[str, float]] | None = None) -> plt.Figure:
     """One panel per key of `panels` (e.g. a model), overlaid density histograms of its sets (e.g. arms),
     and vertical reference lines `lines[panel] = {label: x}` (a copy threshold, the paper's highest value)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 2.6), squeeze=False, layout="constrained")
+    labels = list(dict.fromkeys(label for sets in panels.values() for label in sets))  # one colour per set name
+    colours = dict(zip(labels, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, (name, sets) in zip(axes[0], panels.items()):
         values = np.concatenate([np.asarray(v, dtype=float) for v in sets.values()])
         marks = (lines or {}).get(name, {})
         bins = np.linspace(min(values.min(), *marks.values()) if marks else values.min(),
                            max(values.max(), *marks.values()) if marks else values.max(), 30)
         for label, v in sets.items():
-            ax.hist(v, bins, density=True, alpha=0.55, label=f"{label} (n={len(v)})")
+            ax.hist(v, bins, density=True, alpha=0.55, color=colours[label], label=f"{label} (n={len(v)})")
         for (label, x), style in zip(marks.items(), ("--", ":", "-.")):
             ax.axvline(x, color="k", ls=style, lw=1, label=label)
         ax.set(title=name, xlabel=xlabel, ylabel="density")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from busgen_lib.data.dataset import load_images
 from busgen_lib.data.manifest import read_manifest, write_manifest
@@ -51,7 +52,15 @@ def generated_arms(model_dir: str | Path, n: int, out: str | Path, cpsample_dir:
     cpsample = read_manifest(cpsample_dir / MANIFEST_FILE)
     if len(cpsample) < n:
         return arms, f"CPSample arm: {cpsample_dir} has {len(cpsample)} images, fewer than {n}"
-    return arms | {CPSAMPLE: cpsample.iloc[:n]}, f"CPSample arm: the first {n} images of {cpsample_dir}"
+    cpsample = cpsample.iloc[:n]
+    same = sum(np.array_equal(a, b) for a, b in zip(_pixels(arms[PLAIN]), _pixels(cpsample)))
+    return arms | {CPSAMPLE: cpsample}, (f"CPSample arm: the first {n} images of {cpsample_dir}, {same} of them "
+                                         "identical to the arm without (CPSample did not act on those)")
+
+
+def _pixels(df: pd.DataFrame) -> list[np.ndarray]:
+    """The stored pixels of a manifest frame's images (PNG, lossless), to tell which CPSample changed."""
+    return [np.asarray(Image.open(Path(df.attrs["root"]) / image)) for image in df["image"]]
 
 
 @dataclass
