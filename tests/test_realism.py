@@ -51,6 +51,13 @@ def test_precision_recall_matches_a_brute_force_loop():
         assert ours == pytest.approx(_brute_force_pr(real, generated, k), abs=1e-12)
 
 
+def test_row_blocks_give_the_same_balls_and_coverage():
+    points, queries = torch.randn(23, 3, generator=torch.Generator().manual_seed(2)).double(), torch.randn(17, 3).double()
+    radii = realism._radii(points, 3)
+    assert torch.equal(realism._radii(points, 3, batch_size=4), radii)
+    assert realism._coverage(points, radii, queries, batch_size=5) == realism._coverage(points, radii, queries)
+
+
 def test_precision_recall_hand_computed_1d_case():
     # k = 1: every real point 0..3 has radius 1; of the generated 0.5, 10, 4.5, 3.9 only 0.5 and 3.9 lie within
     # 1 of a real point (precision 2/4); the generated radii are 3.4, 5.5, 0.6, 0.6, and the ball of 0.5

@@ -136,16 +136,20 @@ def msssim(a: torch.Tensor, b: torch.Tensor, batch_size: int = 256) -> np.ndarra
 
 # --------------------------------------------------------------------------- precision and recall
 
-def _radii(points: torch.Tensor, k: int) -> torch.Tensor:
+def _radii(points: torch.Tensor, k: int, batch_size: int = 1024) -> torch.Tensor:
     """Distance of each point to its k-th nearest other point of the same set (its manifold ball)."""
     if len(points) <= k:
         raise DataError(f"precision/recall with k = {k} needs more than {k} feature vectors per set, got {len(points)}")
-    return torch.cdist(points, points).kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+    # k + 1: the point itself is at distance 0; in row blocks so that memory stays O(batch x N)
+    return torch.cat([torch.cdist(points[i: i + batch_size], points).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(points), batch_size)])
 
 
-def _coverage(balls: torch.Tensor, radii: torch.Tensor, queries: torch.Tensor) -> float:
+def _coverage(balls: torch.Tensor, radii: torch.Tensor, queries: torch.Tensor, batch_size: int = 1024) -> float:
     """Share of queries inside at least one ball (centre, radius)."""
-    return float((torch.cdist(queries, balls) <= radii[None]).any(dim=1).double().mean())
+    inside = torch.cat([(torch.cdist(queries[i: i + batch_size], balls) <= radii[None]).any(dim=1)
+                        for i in range(0, len(queries), batch_size)])
+    return float(inside.double().mean())
 
 
 def precision_recall(real: torch.Tensor, generated: torch.Tensor, k: int = 3) -> tuple[float, float]:
