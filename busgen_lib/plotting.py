@@ -136,7 +136,8 @@ def turing_bars(table: pd.DataFrame, title: str) -> plt.Figure:
                                                         ("generated_called_real", PALETTE["generated"],
                                                          "generated called real"))):
         value = table[measure].to_numpy(dtype=float)
-        err = [value - table[f"{measure}_lo"].to_numpy(dtype=float), table[f"{measure}_hi"].to_numpy(dtype=float) - value]
+        lo, hi = (table[f"{measure}_{end}"].to_numpy(dtype=float) for end in ("lo", "hi"))
+        err = [value - lo, hi - value]
         ax.barh(y + 0.2 - 0.4 * offset, value, height=0.38, xerr=err, capsize=2, color=colour, label=label)
     ax.axvline(0.5, color="k", ls="--", lw=0.8, label="chance")
     ax.set_yticks(y, readers)

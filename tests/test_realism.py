@@ -52,7 +52,8 @@ def test_precision_recall_matches_a_brute_force_loop():
 
 
 def test_row_blocks_give_the_same_balls_and_coverage():
-    points, queries = torch.randn(23, 3, generator=torch.Generator().manual_seed(2)).double(), torch.randn(17, 3).double()
+    generator = torch.Generator().manual_seed(2)
+    points, queries = torch.randn(23, 3, generator=generator).double(), torch.randn(17, 3, generator=generator).double()
     radii = realism._radii(points, 3)
     assert torch.equal(realism._radii(points, 3, batch_size=4), radii)
     assert realism._coverage(points, radii, queries, batch_size=5) == realism._coverage(points, radii, queries)

@@ -226,7 +226,8 @@ def _row(generated: torch.Tensor, training: torch.Tensor, features: nn.Module, t
     precision, recall = precision_recall(embed(training, features), embed(generated, features), k)
     return {"n": len(generated), "max_cosine": float(found.similarity.max()),
             "median_cosine": float(np.median(found.similarity)), "copies": copies, "copy_rate": rate,
-            "copy_ci_lo": lo, "copy_ci_hi": hi, "max_msssim": float(ssim.max()), "median_msssim": float(np.median(ssim)),
+            "copy_ci_lo": lo, "copy_ci_hi": hi, "max_msssim": float(ssim.max()),
+            "median_msssim": float(np.median(ssim)),
             "precision": precision, "recall": recall,
             "frechet_distance": frechet_distance(training, generated, features)}
 

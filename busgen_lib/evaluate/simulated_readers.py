@@ -75,7 +75,8 @@ def simulate_turing_export(items: pd.DataFrame, readers: Sequence[str], d_prime:
     `d_prime` and `criterion` are one value for all readers or one per reader;
     each reader sees the items in an order of their own, as in the platform.
     """
-    d_prime, criterion = _per_reader(d_prime, len(readers), "d_prime"), _per_reader(criterion, len(readers), "criterion")
+    d_prime = _per_reader(d_prime, len(readers), "d_prime")
+    criterion = _per_reader(criterion, len(readers), "criterion")
     generated = (items["truth_source"] == "generated").to_numpy()
     rng = np.random.default_rng(seed)
     truth = items[["image_id", "truth_source", "truth_pathology", "truth_birads", "truth_image"]]
