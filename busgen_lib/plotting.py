@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PALETTE = {"normal": "#7f7f7f", "benign": "#4c72b0", "malignant": "#c44e52",
            "real": "#3b2c5e", "generated": "#a58fd1", "BUS-DM": "#c44e52", "Baseline": "#4c72b0"}
@@ -116,4 +120,48 @@ def seeded_aucs(aucs: Mapping[str, Sequence[float]], p_values: Mapping[str, str]
         ax.axvline(float(np.mean(aucs[reference])), ls="--", lw=0.8, color="#999999")
     ax.set_yticks(range(len(names)), names)
     ax.set(xlabel="AUC on real test images (dots: seeds; bar: mean ± SD)", ylim=(-0.6, len(names) - 0.4))
+    return fig
+
+
+def turing_bars(table: pd.DataFrame, title: str) -> plt.Figure:
+    """Fig 2a: per reader (then pooled) accuracy and share of generated images called real, with their CIs.
+
+    `table` is `evaluate.turing.turing_table`'s; chance (0.5) is dashed. Put "simulated" in `title` when the
+    answers are.
+    """
+    readers = list(table["reader"])
+    y = np.arange(len(readers))[::-1]
+    fig, ax = plt.subplots(figsize=(4.6, 0.45 * len(readers) + 1.2))
+    for offset, (measure, colour, label) in enumerate((("accuracy", PALETTE["real"], "accuracy"),
+                                                        ("generated_called_real", PALETTE["generated"],
+                                                         "generated called real"))):
+        value = table[measure].to_numpy(dtype=float)
+        lo, hi = (table[f"{measure}_{end}"].to_numpy(dtype=float) for end in ("lo", "hi"))
+        err = [value - lo, hi - value]
+        ax.barh(y + 0.2 - 0.4 * offset, value, height=0.38, xerr=err, capsize=2, color=colour, label=label)
+    ax.axvline(0.5, color="k", ls="--", lw=0.8, label="chance")
+    ax.set_yticks(y, readers)
+    ax.set(xlim=(0, 1), xlabel="share (95% CI)", title=title)
+    ax.legend(fontsize=6, loc="lower right")
+    return fig
+
+
+def similarity_histograms(panels: Mapping[str, Mapping[str, np.ndarray]], xlabel: str,
+                          lines: Mapping[str, Mapping[str, float]] | None = None) -> plt.Figure:
+    """One panel per key of `panels` (e.g. a model), overlaid density histograms of its sets (e.g. arms),
+    and vertical reference lines `lines[panel] = {label: x}` (a copy threshold, the paper's highest value)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 2.6), squeeze=False, layout="constrained")
+    labels = list(dict.fromkeys(label for sets in panels.values() for label in sets))  # one colour per set name
+    colours = dict(zip(labels, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, (name, sets) in zip(axes[0], panels.items()):
+        values = np.concatenate([np.asarray(v, dtype=float) for v in sets.values()])
+        marks = (lines or {}).get(name, {})
+        bins = np.linspace(min(values.min(), *marks.values()) if marks else values.min(),
+                           max(values.max(), *marks.values()) if marks else values.max(), 30)
+        for label, v in sets.items():
+            ax.hist(v, bins, density=True, alpha=0.55, color=colours[label], label=f"{label} (n={len(v)})")
+        for (label, x), style in zip(marks.items(), ("--", ":", "-.")):
+            ax.axvline(x, color="k", ls=style, lw=1, label=label)
+        ax.set(title=name, xlabel=xlabel, ylabel="density")
+        ax.legend(fontsize=6)
     return fig

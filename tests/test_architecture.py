@@ -18,6 +18,7 @@ ALLOWED = {
     "downstream": {"data", "evaluate"},
     "experiments": {"data", "diffusion", "devices", "evaluate", "downstream", "plotting"},
     "reader_study": {"data", "evaluate"},
+    "widgets": {"data", "diffusion"},  # the interactive generator sits on top, like plotting (notebooks use it)
 }
 BASE = {"errors", "profiles"}
 
@@ -25,7 +26,7 @@ BASE = {"errors", "profiles"}
 def _imports() -> list[tuple[str, str, str]]:
     found = []
     for path in PACKAGE.rglob("*.py"):
-        layer = path.relative_to(PACKAGE).parts[0]
+        layer = path.relative_to(PACKAGE).parts[0].removesuffix(".py")  # a top-level module is its own layer
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("busgen_lib."):
                 found.append((str(path.relative_to(PACKAGE)), layer, node.module.split(".")[1]))
@@ -49,3 +50,9 @@ def test_nothing_in_the_library_imports_the_reader_study():
     wrong = [path for path, layer, target in _imports()
              if target == "reader_study" and layer != "reader_study" and path != "cli.py"]
     assert wrong == []
+
+
+def test_nothing_in_the_library_imports_the_widgets():
+    """ipywidgets is for notebooks: no library module may need it to import."""
+    assert [path for path, layer, target in _imports() if target == "widgets" and layer != "widgets"] == []
+    assert ("widgets", "diffusion") in {(layer, target) for _, layer, target in _imports()}

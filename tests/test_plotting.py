@@ -40,3 +40,32 @@ def test_seeded_aucs_draws_one_row_per_arm_with_its_mean():
     assert means == pytest.approx([0.80, np.mean([0.85, 0.88, 0.86])])
     assert [t.get_text() for t in ax.texts] == ["p = 0.02"]
     plt.close(fig)
+
+
+def test_similarity_histograms_give_a_set_one_colour_in_every_panel_and_draw_the_lines():
+    rng = np.random.default_rng(0)
+    panels = {"a": {"plain": rng.random(20), "new real": rng.random(9)},
+              "b": {"plain": rng.random(5), "cpsample": rng.random(5), "new real": rng.random(7)}}
+    fig = plotting.similarity_histograms(panels, "cosine", {"a": {"threshold": 0.9, "paper": 0.896}})
+    colour = {ax.get_title(): {label.split(" (")[0]: handle.get_facecolor()[:3]
+                               for handle, label in zip(*ax.get_legend_handles_labels()) if "(n=" in label}
+              for ax in fig.axes}
+    assert colour["a"]["plain"] == colour["b"]["plain"] and colour["a"]["new real"] == colour["b"]["new real"]
+    assert colour["b"]["cpsample"] != colour["b"]["plain"]
+    assert [line.get_xdata()[0] for line in fig.axes[0].lines] == [0.9, 0.896] and not fig.axes[1].lines
+    plt.close(fig)
+
+
+def test_turing_bars_draw_each_reader_with_its_ci():
+    import pandas as pd
+
+    table = pd.DataFrame({"reader": ["r1", "pooled"], "accuracy": [0.6, 0.55], "accuracy_lo": [0.4, 0.45],
+                          "accuracy_hi": [0.8, 0.65], "generated_called_real": [0.5, 0.6],
+                          "generated_called_real_lo": [0.3, 0.5], "generated_called_real_hi": [0.7, 0.7]})
+    fig = plotting.turing_bars(table, "SIMULATED readers")
+    ax = fig.axes[0]
+    widths = sorted(round(p.get_width(), 6) for c in ax.containers for p in getattr(c, "patches", []))
+    assert widths == [0.5, 0.55, 0.6, 0.6]
+    rows = {t.get_text(): t.get_position()[1] for t in ax.get_yticklabels()}
+    assert rows["r1"] > rows["pooled"] and ax.get_title() == "SIMULATED readers"  # readers top down, pooled last
+    plt.close(fig)

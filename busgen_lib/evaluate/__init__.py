@@ -14,6 +14,12 @@ Modules (import them directly; nothing is imported eagerly here, so that
                generated images it recognises, per model, with McNemar's paired test.
 - `memorisation` — nearest training neighbours, near-copy rates against a
                real-data threshold, Fréchet distance in probe features.
+- `realism` — Fig 2: cosine similarity of real-data features to the nearest
+               training image with a held-out copy threshold, MS-SSIM with it,
+               improved precision/recall, and a patient-disjoint classifier
+               two-sample test (AUC with bootstrap CI).
+- `turing`, `simulated_readers` — visual Turing test statistics from a
+               reader-study export; a SIMULATED panel writing that export.
 - `cleaning` — a real-data judge removes generated images whose label it contradicts.
 - `translation` — device translations checked against the phantom's truth.
 - `detection` — AP@0.5 and AP_small (relative-area threshold), bootstrap CIs, paired P.
