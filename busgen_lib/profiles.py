@@ -213,8 +213,9 @@ DETECTOR_SETTINGS: dict[str, DetectorSettings] = {
     # ResNet-18 to its stride-8 stage (layer2, 128 channels) at the demo's 64 px: an 8 x 8 feature map (768
     # anchors), so few proposals suffice. The heads are sized for the CPU: one training step of 8 phantom images
     # cost 0.80 CPU-s with torchvision's head sizes (RoI 7 x 7, 128 RoIs, 256-wide head, 2000 proposals) and 0.15 s
-    # with these (backbone alone: 0.06 s).
-    "demo": DetectorSettings("resnet18", feature_index=2, image_size=64, epochs=12, batch_size=8, lr=1e-3,
+    # with these (backbone alone: 0.06 s). Trained on the demo phantom's 2,189 train/val images (one thread, seed 0),
+    # 6 epochs reached AP50 0.883 (0.847-0.917), AP50_small 0.789 on its 411 test images in 314 CPU-s.
+    "demo": DetectorSettings("resnet18", feature_index=2, image_size=64, epochs=6, batch_size=8, lr=1e-3,
                              head_dim=128, roi_samples=32, roi_output=4, rpn_samples=64, proposals=(300, 100)),
     # The paper's detector used a ViT-L backbone (Mask R-CNN, §4.4.1); its stride-16 token grid at 224 px.
     "paper": DetectorSettings("vit_large_patch16_224", feature_index=-1, image_size=224, epochs=50, batch_size=16,
