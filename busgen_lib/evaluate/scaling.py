@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from busgen_lib.data.dataset import derive_seed
 from busgen_lib.data.manifest import rows_fingerprint
 from busgen_lib.errors import UsageError
+from busgen_lib.plotting import PALETTE
 from busgen_lib.evaluate.training import SEED_LIMIT, TrainFn, probabilities, recipe_of
 from busgen_lib.evaluate.utility import binary_task
 
@@ -160,11 +161,13 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float, floa
 def scaling_figure(summary: pd.DataFrame) -> plt.Figure:
     """Fig 4e's layout: test loss (top) and AUC (bottom) against training-set size, one line per arm."""
     fig, axes = plt.subplots(2, 1, figsize=(4.2, 4.6), sharex=True)
-    for ax, metric in zip(axes, ("loss", "auc")):
+    # t-intervals of a few repeats can leave the metric's range; the axes show the range (AUC 0-1, loss >= 0)
+    for ax, metric, limits in zip(axes, ("loss", "auc"), ((0.0, None), (0.0, 1.0))):
         for name, g in summary.groupby("name", sort=False):
-            ax.plot(g["size"], g[metric], marker="o", label=name)
-            ax.fill_between(g["size"], g[f"{metric}_lo"], g[f"{metric}_hi"], alpha=0.25)
-        ax.set(ylabel={"loss": "test loss (cross-entropy)", "auc": "test AUC"}[metric], xscale="log")
+            color = PALETTE.get(name)
+            ax.plot(g["size"], g[metric], marker="o", label=name, color=color)
+            ax.fill_between(g["size"], g[f"{metric}_lo"], g[f"{metric}_hi"], alpha=0.25, color=color)
+        ax.set(ylabel={"loss": "test loss (cross-entropy)", "auc": "test AUC"}[metric], xscale="log", ylim=limits)
     axes[1].set_xlabel("training images")
     axes[0].legend()
     fig.tight_layout()

@@ -241,8 +241,8 @@ def drop_figure(per_seed: Mapping[str, pd.DataFrame]) -> plt.Figure:
             errors = [[m - lo for m, lo, _ in stats], [hi - m for m, _, hi in stats]]
             x = np.array([0, 1]) + (k - 1) * 0.04
             ax.errorbar(x, means, yerr=np.nan_to_num(errors), marker="o", capsize=3, label=arm)
-        ax.set(xticks=[0, 1], xticklabels=["internal", f"external\n({held})"], xlim=(-0.3, 1.3),
-               title=f"{held} held out", ylabel="AUC")
+        ax.set(xticks=[0, 1], xticklabels=["internal", f"external\n({held})"], xlim=(-0.3, 1.3), ylim=(0.0, 1.0),
+               title=f"{held} held out", ylabel="AUC")   # t-intervals of a few seeds may leave 0-1
     axes[0, -1].legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     return fig
