@@ -214,7 +214,8 @@ DETECTOR_SETTINGS: dict[str, DetectorSettings] = {
     # anchors), so few proposals suffice. The heads are sized for the CPU: one training step of 8 phantom images
     # cost 0.80 CPU-s with torchvision's head sizes (RoI 7 x 7, 128 RoIs, 256-wide head, 2000 proposals) and 0.15 s
     # with these (backbone alone: 0.06 s). Trained on the demo phantom's 2,189 train/val images (one thread, seed 0),
-    # 6 epochs reached AP50 0.883 (0.847-0.917), AP50_small 0.789 on its 411 test images in 314 CPU-s.
+    # 6 epochs reached AP50 0.883 (0.847-0.917), AP50_small 0.789 on its 411 test images in 314 CPU-s; 12 epochs
+    # 0.934 (0.907-0.955) and 0.861 in 549 CPU-s. 6 keeps notebook 05's 2 arms x 2 seeds near its CPU budget.
     "demo": DetectorSettings("resnet18", feature_index=2, image_size=64, epochs=6, batch_size=8, lr=1e-3,
                              head_dim=128, roi_samples=32, roi_output=4, rpn_samples=64, proposals=(300, 100)),
     # The paper's detector used a ViT-L backbone (Mask R-CNN, §4.4.1); its stride-16 token grid at 224 px.
