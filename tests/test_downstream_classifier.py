@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.downstream.classifier import DiagnosticModel, train_classifier
 from busgen_lib.downstream.tasks import Task
-from busgen_lib.downstream.training import cross_validate, repeat_training
+from busgen_lib.downstream.training import cross_validate
 from busgen_lib.errors import DataError, UsageError
 from busgen_lib.profiles import get_downstream
 
@@ -152,15 +152,6 @@ def test_cross_validation_groups_by_patient_and_picks_the_best_mean(bright_dark,
     assert len(result.table) == 2 * 2 * 3 and all(not s for s in seen)
     assert result.best == {"lr": 0.2, "epochs": 1}
     assert result.summary.iloc[0]["mean_auc"] == 1.0
-
-
-def test_repeats_train_one_model_per_seed(bright_dark):
-    train, test = bright_dark[bright_dark.split == "train"], bright_dark[bright_dark.split == "test"]
-    result = repeat_training(train_classifier, train, test, Task.parse("benign-malignant"), "smoke", lr=1e-3, epochs=1)
-    assert result.table["seed"].tolist() == [0, 1] and [m.record["seed"] for m in result.models] == [0, 1]
-    rows, y = Task.parse("benign-malignant").select(test)
-    assert result.table["auc"].tolist() == [roc_auc_score(y, m.predict_proba(rows)) for m in result.models]
-    assert result.summary()["mean_auc"] == pytest.approx(result.table["auc"].mean())
 
 
 def test_a_train_fn_recipe_names_the_model_its_settings_and_its_tables():

@@ -3,8 +3,10 @@
 §4.4: "To select the hyperparameters, we adopted 5-fold cross-validation on
 downstream training sets and repeated each experiment 5 times for robustness."
 `cross_validate` does the first (folds grouped by patient, so no patient's
-views sit on both sides), `repeat_training` the second; both take the model's
-training function, so the two models are selected and repeated alike.
+views sit on both sides) for either model's training function; the repeats
+are the studies' seeds (`recipes.train_fn(select_dir=...)` trains every seed
+with the cross-validated choice, `experiments.generalisation.score_arms` keeps
+each seed's scores).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from tqdm.auto import tqdm
 from busgen_lib.data.dataset import ClassBalancedSampler
 from busgen_lib.downstream.tasks import Task
 from busgen_lib.data.dataset import load_images
-from busgen_lib.evaluate.stats import delong_ci
 from busgen_lib.profiles import get_downstream
 
 
@@ -161,30 +162,3 @@ def cross_validate(trainer: Trainer, df: pd.DataFrame, task: Task, profile: str,
                .sort_values(["mean_auc", "epochs", "lr"], ascending=[False, True, True], ignore_index=True))
     best = {"lr": float(summary["lr"].iloc[0]), "epochs": int(summary["epochs"].iloc[0])}
     return CVResult(best, table, summary)
-
-
-@dataclass
-class RepeatResult:
-    models: list[Scorer]
-    table: pd.DataFrame          # one row per seed: AUC with its DeLong 95% CI on the test rows
-
-    def summary(self) -> dict[str, float]:
-        """Mean and spread across repeats (§4.4), the numbers a figure reports."""
-        auc = self.table["auc"]
-        return {"mean_auc": float(auc.mean()), "sd_auc": float(auc.std(ddof=1)) if len(auc) > 1 else 0.0,
-                "min_auc": float(auc.min()), "max_auc": float(auc.max()), "repeats": len(auc)}
-
-
-def repeat_training(trainer: Trainer, train_df: pd.DataFrame, test_df: pd.DataFrame, task: Task, profile: str,
-                    lr: float, epochs: int, repeats: int | None = None, first_seed: int = 0) -> RepeatResult:
-    """Train the final recipe with `repeats` seeds (profile default) and score each on the test rows."""
-    repeats = repeats or get_downstream(profile).repeats
-    test_rows, y = task.select(test_df)
-    models, records = [], []
-    for seed in range(first_seed, first_seed + repeats):
-        model = trainer(train_df, task, profile, seed=seed, lr=lr, epochs=epochs)
-        score = model.predict_proba(test_rows)
-        auc, lo, hi = delong_ci(y, score)
-        models.append(model)
-        records.append({"seed": seed, "auc": auc, "auc_lo": lo, "auc_hi": hi})
-    return RepeatResult(models, pd.DataFrame(records))
