@@ -16,18 +16,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from busgen_lib.diffusion.model import build_model
 from busgen_lib.diffusion.sample import cfg_eps, sample
 from busgen_lib.diffusion.speed import Speed
 from busgen_lib.errors import UsageError
 
 from reference_schedule import Schedule
-from test_samplers import COV, MEANS, alpha_bar_numpy, classes, network_cond, smoke_model  # noqa: F401 (fixture)
+from test_samplers import COV, DEVICES, MEANS, alpha_bar_numpy, classes, network_cond
+
+
+@pytest.fixture(scope="module")
+def smoke_net():
+    """A fresh smoke-profile network: convolutions for channels-last and bf16 to act on."""
+    torch.manual_seed(0)
+    return build_model("smoke", DEVICES).eval()
 
 
 class LinearGaussianEps(nn.Module):
-    """The exact ε-predictor of one Gaussian class (test_samplers.GaussianEps with one mean), applied as an fp32
-    `F.linear`: ε = √(1−ᾱ) S⁻¹ (x_t − √ᾱ μ) with S = ᾱΣ + (1−ᾱ)I. The map is built in float64; the linear
-    layer is the op that autocast runs in bf16 and inductor compiles, as in the real network."""
+    """The exact ε-predictor of one Gaussian class (test_samplers.GaussianEps with one mean) as an fp32 `F.linear`:
+    ε = √(1−ᾱ) S⁻¹ (x_t − √ᾱ μ) with S = ᾱΣ + (1−ᾱ)I. The map is built in float64; the linear layer is
+    the op that autocast runs in bf16 and inductor compiles, as in the real network."""
 
     def __init__(self, mean: torch.Tensor, cov: torch.Tensor):
         super().__init__()
@@ -51,66 +59,66 @@ def exact_images(speed: Speed = Speed()) -> torch.Tensor:
     return sample(speed.prepare(model), classes([1] * len(SEEDS)), speed=speed, **EXACT)
 
 
-def test_inference_mode_gives_the_images_of_no_grad(monkeypatch, smoke_model):
+def test_inference_mode_gives_the_images_of_no_grad(monkeypatch, smoke_net):
     kwargs = dict(sampler="dpmsolver++", steps=3, order=2, guidance=1.8, seeds=[1, 2], progress=False)
-    fast = sample(smoke_model, network_cond(2), **kwargs)
+    fast = sample(smoke_net, network_cond(2), **kwargs)
     monkeypatch.setattr(torch, "inference_mode", torch.no_grad)
-    assert torch.equal(sample(smoke_model, network_cond(2), **kwargs), fast)
+    assert torch.equal(sample(smoke_net, network_cond(2), **kwargs), fast)
 
 
-def test_cond_fn_can_still_differentiate_through_x_t_and_the_guided_noise(smoke_model):
+def test_cond_fn_can_differentiate_through_x_t_and_the_guided_noise(smoke_net):
     """CPSample-style hooks take gradients outside the network's inference_mode; ε̃ must be usable in them."""
     seen = []
 
     def hook(x, t, eps):
         x = x.detach().requires_grad_()
-        energy = (cfg_eps(smoke_model, x, t, network_cond(x.shape[0]), 0.0) * eps).sum()
+        energy = (cfg_eps(smoke_net, x, t, network_cond(x.shape[0]), 0.0) * eps).sum()
         (grad,) = torch.autograd.grad(energy, x)
         seen.append(grad.abs().sum().item())
         return torch.zeros_like(eps)
 
-    plain = sample(smoke_model, network_cond(2), sampler="dpmsolver++", steps=2, order=2, seeds=[1, 2],
+    plain = sample(smoke_net, network_cond(2), sampler="dpmsolver++", steps=2, order=2, seeds=[1, 2],
                    progress=False)
-    hooked = sample(smoke_model, network_cond(2), sampler="dpmsolver++", steps=2, order=2, seeds=[1, 2],
+    hooked = sample(smoke_net, network_cond(2), sampler="dpmsolver++", steps=2, order=2, seeds=[1, 2],
                     progress=False, cond_fn=hook)
     assert len(seen) == 2 and all(g > 0 for g in seen)
     assert torch.equal(hooked, plain)
 
 
-def test_channels_last_gives_the_fp32_images(smoke_model):
+def test_channels_last_gives_the_fp32_images(smoke_net):
     x, t, cond = torch.randn(3, 1, 32, 32), torch.tensor(200), network_cond(3)
     kwargs = dict(sampler="dpmsolver++", steps=3, order=2, guidance=1.8, seeds=[1, 2, 3], progress=False)
     with torch.no_grad():
-        eps = cfg_eps(smoke_model, x, t, cond, 1.8)
-        images = sample(smoke_model, cond, **kwargs)
+        eps = cfg_eps(smoke_net, x, t, cond, 1.8)
+        images = sample(smoke_net, cond, **kwargs)
     fast = Speed(channels_last=True)
-    network = fast.prepare(smoke_model)
+    network = fast.prepare(smoke_net)
     try:
         assert any(p.dim() == 4 and not p.is_contiguous() for p in network.parameters())  # NHWC weights
         with torch.no_grad():
             torch.testing.assert_close(cfg_eps(network, fast.layout(x), t, cond, 1.8), eps, rtol=0, atol=1e-5)
         torch.testing.assert_close(sample(network, cond, speed=fast, **kwargs), images, rtol=0, atol=5e-4)
     finally:
-        smoke_model.to(memory_format=torch.contiguous_format)
+        smoke_net.to(memory_format=torch.contiguous_format)
 
 
 def test_bf16_stays_within_its_rounding_of_the_fp32_images_of_the_exact_model():
     reference, fast = exact_images(), exact_images(Speed(precision="bf16"))
     difference = (fast - reference).abs()
     # bf16 rounds inputs and weights to 2^-9 relative; |ε| ≈ 1–3, so each ε carries ≈ 1e-2 of error, which
-    # DPM-Solver++ averages over steps (measured here: max 0.007, mean 0.0009). Bound: 0.02 = 1 % of the image range [-1, 1],
-    # under 3 of 255 grey levels; the mean 0.004 ≈ half a grey level. fp32 differences are 1e-6.
+    # DPM-Solver++ averages over steps (measured here: max 0.007, mean 0.0009). Bound: 0.02 = 1 % of the
+    # image range [-1, 1], under 3 of 255 grey levels; the mean 0.004 ≈ half a grey level. fp32: 1e-6.
     assert difference.max() < 0.02
     assert difference.mean() < 0.004
     assert difference.max() > 1e-4  # bf16 did act: a no-op option would pass the bounds above
 
 
-def test_bf16_network_evaluation_is_within_its_rounding(smoke_model):
+def test_bf16_network_evaluation_is_within_its_rounding(smoke_net):
     x, t, cond = torch.randn(3, 1, 32, 32), torch.tensor(200), network_cond(3)
     with torch.no_grad():
-        eps = cfg_eps(smoke_model, x, t, cond, 1.8)
+        eps = cfg_eps(smoke_net, x, t, cond, 1.8)
         with Speed(precision="bf16").autocast("cpu"):
-            fast = cfg_eps(smoke_model, x, t, cond, 1.8)
+            fast = cfg_eps(smoke_net, x, t, cond, 1.8)
     assert fast.dtype == torch.float32  # eq. 2's combination in fp32
     relative = ((fast - eps).norm() / eps.norm()).item()
     # a few bf16 layers in a row, each 2^-9 ≈ 0.2 % relative: a few % at most; 0 would mean no bf16 at all
