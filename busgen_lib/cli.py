@@ -20,6 +20,7 @@ from busgen_lib.errors import BusgenError, DataError, UsageError
 from busgen_lib.profiles import PROFILES
 
 SAMPLERS = ("dpmsolver++-singlestep", "dpmsolver++", "ddpm")
+PRECISIONS = ("fp32", "bf16")  # speed.PRECISIONS, repeated so that `--help` does not import torch
 
 
 # ------------------------------------------------------------------- option types
@@ -175,7 +176,10 @@ def _protect(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    import torch
+
     from busgen_lib.diffusion.pipeline import sample_dataset
+    from busgen_lib.diffusion.speed import Speed
 
     model = _existing(args.model, "model folder", folder=True)
     if args.plan == "balanced" and args.n is None:
@@ -199,10 +203,14 @@ def _sample(args: argparse.Namespace) -> int:
         settings = {"alpha": args.cpsample_alpha, "scale": args.cpsample_scale}
         cond_fn = CPSampleGuidance(load_classifier(_existing(args.cpsample, "CPSample classifier folder", folder=True)),
                                    alphas_cumprod, **{k: v for k, v in settings.items() if v is not None})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    speed = Speed(precision=args.precision, channels_last=args.channels_last, compile=args.compile)
     manifest = sample_dataset(model, args.n or 0, _out_folder(args.out), plan=args.plan, steps=args.steps,
                               guidance=args.guidance, sampler=args.sampler, seed=args.seed,
                               batch_size=args.batch_size, adapter=args.adapter,
-                              pathologies=args.pathologies or PATHOLOGIES, devices=args.devices, cond_fn=cond_fn)
+                              pathologies=args.pathologies or PATHOLOGIES, devices=args.devices, cond_fn=cond_fn,
+                              speed=speed)
     print(manifest)
     return 0
 
@@ -346,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="certainty threshold α in (0, 0.5] (default: CPSample's, 0.01)")
     p.add_argument("--cpsample-scale", type=finite_nonnegative,
                    help="guidance strength s (default: CPSample's, 100)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="network precision: fp32 (the reference) or bf16 autocast (faster where the CPU/GPU "
+                        "has bf16 units; changes pixels slightly, recorded in settings.json)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory format for the network (same images up to fp32 rounding)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network once before sampling (needs a C compiler; same images up to "
+                        "fp32 rounding; pays off for many images)")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch CPU threads (default: torch's, one per core); 1 on a shared machine (README)")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("protect", help="train the CPSample classifier of a model's training images")

@@ -225,6 +225,20 @@ def test_sample_single_pathology_and_devices_from_the_cli(tmp_path, smoke_model)
              "was sampled with other settings: guidance (stored 1.8, given 0.5)")
 
 
+def test_sample_speed_options_from_the_cli(tmp_path, smoke_model):
+    import json
+
+    from busgen_lib.cli import PRECISIONS
+    from busgen_lib.diffusion import speed
+
+    assert PRECISIONS == speed.PRECISIONS
+    args = ("sample", "--model", smoke_model, "--n", 2, "--out", tmp_path / "o", "--steps", 1, "--threads", 1)
+    result = run_cli(*args, "--precision", "bf16", "--channels-last")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "o" / "settings.json").read_text())["precision"] == "bf16"
+    one_line(run_cli(*args), 2, "was sampled with other settings: precision (stored 'bf16', given 'fp32')")
+
+
 # --------------------------------------------------------------------------- --help
 
 def test_every_option_has_help_and_profile_is_a_choice():

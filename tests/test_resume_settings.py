@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from busgen_lib.diffusion.checkpoint import WEIGHTS_FILE, file_fingerprint
 from busgen_lib.diffusion.pipeline import sample_dataset
+from busgen_lib.diffusion.speed import Speed
 from busgen_lib.diffusion.train import pretrain
 from busgen_lib.errors import UsageError
 
@@ -20,13 +21,14 @@ def test_the_sample_folder_records_what_determines_an_image(tmp_path, smoke_mode
     settings = json.loads((tmp_path / "o" / "settings.json").read_text())
     assert settings == {"model": file_fingerprint(smoke_model / WEIGHTS_FILE), "adapter": None,
                         "sampler": "dpmsolver++-singlestep", "steps": 1, "order": 3, "guidance": 0.5, "seed": 3,
-                        "cond_fn": None, "image_ext": "png"}
+                        "cond_fn": None, "precision": "fp32", "image_ext": "png"}
 
 
 @pytest.mark.parametrize("change, named", [
     ({"steps": 2}, "steps (stored 1, given 2)"),
     ({"guidance": 1.0}, "guidance (stored 0.5, given 1.0)"),
     ({"sampler": "ddpm"}, "sampler (stored 'dpmsolver++-singlestep', given 'ddpm')"),
+    ({"speed": Speed(precision="bf16")}, "precision (stored 'fp32', given 'bf16')"),
 ])
 def test_a_rerun_with_other_sampling_settings_is_refused(tmp_path, smoke_model, one_thread, change, named):
     settings = {"steps": 1, "guidance": 0.5}
@@ -34,6 +36,15 @@ def test_a_rerun_with_other_sampling_settings_is_refused(tmp_path, smoke_model, 
     with pytest.raises(UsageError, match="was sampled with other settings") as err:
         sample_dataset(smoke_model, 2, tmp_path / "o", **{**settings, **change})
     assert named in str(err.value)
+
+
+def test_channels_last_resumes_an_fp32_folder(tmp_path, smoke_model, one_thread):
+    """Channels-last changes images at fp32 rounding only, like the batch size (test_speed.py): not a new generator."""
+    sample_dataset(smoke_model, 2, tmp_path / "o", steps=1, batch_size=1)
+    shutil.rmtree(tmp_path / "o" / "shards")  # as if killed before listing anything
+    (tmp_path / "o" / "shards").mkdir()
+    manifest = sample_dataset(smoke_model, 2, tmp_path / "o", steps=1, batch_size=1, speed=Speed(channels_last=True))
+    assert manifest.exists()
 
 
 def test_a_rerun_with_another_model_is_refused(tmp_path, smoke_model, one_thread):

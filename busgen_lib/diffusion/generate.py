@@ -4,7 +4,7 @@ Layout of an output folder:
 
     plan.json                      the plan, written at start; a resume must pass the same plan
     settings.json                  everything else that determines an image (model and adapter
-                                   fingerprints, sampler, steps, guidance, CPSample, seed); a resume
+                                   fingerprints, sampler, steps, guidance, CPSample, seed, precision); a resume
                                    must pass the same settings
     images/<index:08d>.png         one image per request
     shards/shard-<k>-of-<N>.csv    what shard k has finished, appended batch by batch

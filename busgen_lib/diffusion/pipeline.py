@@ -25,6 +25,7 @@ from busgen_lib.diffusion.lora import ADAPTER_WEIGHTS_FILE, load_adapted_model
 from busgen_lib.diffusion.model import SAMPLING_DEFAULTS, BUSGenUNet
 from busgen_lib.diffusion.plan import Request, balanced_plan, explicit_plan
 from busgen_lib.diffusion.sample import SAMPLERS, CondFn, sample
+from busgen_lib.diffusion.speed import FP32, Speed
 from busgen_lib.diffusion.train import BOX_PRIOR_FILE
 from busgen_lib.errors import DataError, UsageError
 
@@ -53,13 +54,18 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def model_sample_fn(model: BUSGenUNet, *, steps: int, guidance: float, sampler: str, order: int,
-                    cond_fn: CondFn | None = None, device: torch.device | str = "cpu"
+                    cond_fn: CondFn | None = None, device: torch.device | str = "cpu", speed: Speed = FP32
                     ) -> Callable[[Sequence[Request]], np.ndarray]:
-    """A `generate` sample_fn: each request's image depends on its own seed only (per-sample noise)."""
+    """A `generate` sample_fn: each request's image depends on its own seed only (per-sample noise).
+
+    The model is prepared for `speed` once, here (channels-last in place, compiled once for all batches).
+    """
+    network = speed.prepare(model)
+
     def sample_fn(requests: Sequence[Request]) -> np.ndarray:
         cond = requests_to_cond(requests, model, device)
-        images = sample(model, cond, sampler=sampler, steps=steps, order=order, guidance=guidance,
-                        seeds=[r.seed for r in requests], cond_fn=cond_fn, progress=False)
+        images = sample(network, cond, sampler=sampler, steps=steps, order=order, guidance=guidance,
+                        seeds=[r.seed for r in requests], cond_fn=cond_fn, progress=False, speed=speed)
         return to_uint8(images)
     return sample_fn
 
@@ -84,16 +90,18 @@ def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str 
                    steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
                    order: int | None = None, seed: int = 0, batch_size: int = 16,
                    pathologies: Sequence[str] = PATHOLOGIES, devices: Sequence[str] | None = None,
-                   cond_fn: CondFn | None = None, adapter: str | Path | None = None) -> Path:
+                   cond_fn: CondFn | None = None, adapter: str | Path | None = None, speed: Speed = FP32) -> Path:
     """Generate `n` images (or the rows of an explicit plan CSV) into `out`; returns the merged manifest.
 
     With `adapter`, the LoRA adapter is merged into the model first and its own
     box prior (fitted on the adaptation data) replaces the base's. Every option
     and plan entry is checked before sampling starts, and `out/settings.json`
     records what determines an image (model and adapter fingerprints, sampler,
-    steps, order, guidance, the `cond_fn`'s settings, seed) so that a rerun with
-    other settings is refused instead of mixed in. Under `accelerate launch`
-    each process writes its own shard.
+    steps, order, guidance, the `cond_fn`'s settings, seed, `speed.settings()`,
+    i.e. the precision) so that a rerun with other settings is refused instead
+    of mixed in. `speed`'s channels-last and compile change images only at fp32
+    rounding level, like the batch size, and are not recorded (speed.py). Under
+    `accelerate launch` each process writes its own shard.
     """
     model_dir = Path(model_dir)
     model = load_model(model_dir) if adapter is None else load_adapted_model(model_dir, adapter)
@@ -115,10 +123,11 @@ def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str 
                             "keep the largest ones")
     settings = {"model": file_fingerprint(model_dir / WEIGHTS_FILE),
                 "adapter": None if adapter is None else file_fingerprint(Path(adapter) / ADAPTER_WEIGHTS_FILE),
-                **sampling, "seed": seed, "cond_fn": _describe(cond_fn)}
+                **sampling, "seed": seed, "cond_fn": _describe(cond_fn), **speed.settings()}
     device = PartialState(cpu=not torch.cuda.is_available()).device  # this process's GPU under accelerate
+    speed.check(device)
     model.to(device)
-    fn = model_sample_fn(model, **sampling, cond_fn=cond_fn, device=device)
+    fn = model_sample_fn(model, **sampling, cond_fn=cond_fn, device=device, speed=speed)
     source = str(model_dir) if adapter is None else f"{model_dir} + adapter {adapter}"
     return generate_distributed(requests, fn, out, batch_size=batch_size, generator=source,
                                 cpu=not torch.cuda.is_available(), settings=settings)

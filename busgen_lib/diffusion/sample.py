@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from busgen_lib.diffusion.schedule import ScheduleConfig, ddpm_scheduler
+from busgen_lib.diffusion.speed import FP32, Speed
 
 SAMPLERS = ("dpmsolver++-singlestep", "dpmsolver++", "ddpm")
 COND_KEYS = ("pathology", "device", "boxes", "box_valid", "box_mask")
@@ -58,11 +59,14 @@ def sample(
     cond_fn: CondFn | None = None,
     clip_x0: bool = True,
     progress: bool = True,
+    speed: Speed = FP32,
 ) -> torch.Tensor:
     """Draw one image per row of `cond` (pathology, device, boxes, box_valid, optional box_mask) → (B, 1, S, S).
 
-    The loop is the algorithm of the module docstring. `cond_fn` runs outside
-    `no_grad`, so it may differentiate with respect to x_t. For noise that
+    The loop is the algorithm of the module docstring. The network runs under
+    `inference_mode` and `speed`'s autocast (pass a model prepared with
+    `speed.prepare`); `cond_fn` runs outside both, so it may differentiate with
+    respect to x_t. For noise that
     belongs to a sample rather than to a batch, pass `seeds` (one per sample) or
     a list of generators. The model runs in eval mode (no condition dropout) and is restored after.
     """
@@ -78,8 +82,9 @@ def sample(
     try:
         x = randn_tensor((cond["pathology"].shape[0], 1, size, size), generator=generator, device=device, dtype=dtype)
         for t in tqdm(solver.timesteps, desc=f"{sampler} sampling", disable=not progress):
-            with torch.no_grad():
-                eps = cfg_eps(model, x, t, cond, guidance)                         # eq. 2
+            with torch.inference_mode(), speed.autocast(device):
+                eps = cfg_eps(model, speed.layout(x), t, cond, guidance)           # eq. 2
+            eps = eps.to(dtype=x.dtype, copy=True)  # an ordinary tensor again: cond_fn and autograd may use it
             if cond_fn is not None:
                 eps = eps + cond_fn(x, t, eps)                                     # e.g. CPSample
             x0 = (x - (1 - alpha_bar[t]).sqrt() * eps) / alpha_bar[t].sqrt()       # x̂_0 that ε̃ implies
@@ -99,16 +104,18 @@ def cfg_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor | int, cond: Mapp
 
     Both branches run in one batched forward: the batch is doubled and its second
     half gets `force_drop`, so the model's own null conditions give ε_θ(x_t, t).
-    w = 0 needs no unconditional branch and returns ε_θ(x_t, t, c) itself.
+    w = 0 needs no unconditional branch and returns ε_θ(x_t, t, c) itself. The
+    combination is computed in x's dtype, whatever precision the network ran in.
     """
     batch = x.shape[0]
     t = torch.as_tensor(t, device=x.device).expand(batch)
     cond = {k: cond[k] for k in COND_KEYS if cond.get(k) is not None}
     if w == 0:
-        return model(x, t, **cond)
+        return model(x, t, **cond).to(x.dtype)
     doubled = {k: torch.cat((v, v)) for k, v in cond.items()}
     force_drop = torch.arange(2 * batch, device=x.device) >= batch
-    eps_cond, eps_uncond = model(torch.cat((x, x)), torch.cat((t, t)), **doubled, force_drop=force_drop).chunk(2)
+    eps_cond, eps_uncond = model(torch.cat((x, x)), torch.cat((t, t)), **doubled, force_drop=force_drop
+                                 ).to(x.dtype).chunk(2)
     return (1 + w) * eps_cond - w * eps_uncond
 
 
