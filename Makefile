@@ -38,4 +38,4 @@ bench: $(STAMP)
 	for b in bench/[!_]*.py; do $(PY) $$b --profile $(PROFILE) $(BENCH_ARGS) || exit 1; done
 
 clean:
-	rm -rf runs figures/smoke figures/demo
+	rm -rf runs figures/smoke figures/paper figures/demo/*.pdf  # the demo PNGs are committed

@@ -4,22 +4,27 @@
 
 On one set of weights (a fresh model of the profile, or `--model DIR`), times
 
-1. our DPM-Solver++ sampler (`sample(sampler="dpmsolver++")`, 20 steps, CFG w = 1.8 with
-   both branches in one batched forward: 2·B network rows per step);
-2. diffusers' stock `DDPMPipeline`, unmodified, 1000 ancestral steps, unguided (B rows per
+1. our reference sampler (`sample()`'s default: DPM-Solver++ singlestep, order 3, 50 steps,
+   CFG w = 1.8 with both branches in one batched forward: 2·B network rows per step);
+2. our fastest setting at matched quality: the profile's default sampler and step count
+   (`profiles.SAMPLING`, set at the knee of bench/solver_sweep.py's steps × solver sweep),
+   timed with each way of running the network (`diffusion/speed.py`: fp32 or bf16 autocast,
+   contiguous or channels-last); the fastest of these is the row the ratios use (bf16's
+   effect on the images is measured by the solver sweep, not here);
+3. diffusers' stock `DDPMPipeline`, unmodified, 1000 ancestral steps, unguided (B rows per
    step). Its network is ours behind a small adapter that runs it with null conditions;
    its scheduler is a `DDPMScheduler` with T' = 1000 and the model's linear β range
    scaled by T/T' (the same noise process on a 1000-step grid), and the adapter maps
    t' → t'·T/T' for the network;
-3. our DDPM ancestral sampler (`sample(sampler="ddpm")`, all T steps, guided);
-4. training: forward + backward + AdamW steps with the profile's training batch on random
+4. our DDPM ancestral sampler (`sample(sampler="ddpm")`, all T steps, guided);
+5. training: forward + backward + AdamW steps with the profile's training batch on random
    data in the dataset's format (the loss of eq. 1, gradient clipping as in train.py);
 
 and, on a GPU under `paper`, seconds per image of the reference sampler (160 px,
 DPM-Solver++ singlestep order 3, 50 steps, CFG) at batch sizes 1 and 16.
 
 The samplers are timed in turn for a few rounds (so that they share the same moments of a
-busy machine) and the best round counts. The two long chains (2, 3) are timed in full under
+busy machine) and the best round counts. The two long chains (3, 4) are timed in full under
 `paper` and with `--full`; otherwise a k-step run of the same sampler and pipeline is timed
 (an ancestral step costs the same whatever the step count) and scaled by full/k, which the
 output says. Results go to runs/bench/sampling-<profile>.json. Never part of the unit tests.
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -41,17 +47,21 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of_interleaved, environment, print_table, timed, write_json  # noqa: E402
+from _common import REPO, best_of_interleaved, environment, print_table, timed, write_json  # noqa: E402
 
 from busgen_lib.data.dataset import boxes_to_mask  # noqa: E402
 from busgen_lib.data.devices import device_names  # noqa: E402
-from busgen_lib.diffusion.model import SAMPLING_DEFAULTS, BUSGenUNet, build_model, count_parameters  # noqa: E402
+from busgen_lib.diffusion.model import (SAMPLING_DEFAULTS, BUSGenUNet, SamplingDefaults, build_model,  # noqa: E402
+                                        count_parameters)  # noqa: E402
 from busgen_lib.diffusion.sample import sample  # noqa: E402
 from busgen_lib.diffusion.schedule import diffusion_loss  # noqa: E402
+from busgen_lib.diffusion.speed import FP32, Speed  # noqa: E402
 from busgen_lib.diffusion.train import train_config  # noqa: E402
 from busgen_lib.profiles import PROFILES  # noqa: E402
 
-DPM_STEPS = 20
+REFERENCE = SamplingDefaults()  # the paper's reference: DPM-Solver++ singlestep, order 3, 50 steps, w = 1.8
+SPEEDS = {"fp32": FP32, "fp32 channels-last": Speed(channels_last=True), "bf16": Speed("bf16"),
+          "bf16 channels-last": Speed("bf16", channels_last=True)}
 STOCK_STEPS = 1000
 WARMUP_STEPS = 2
 
@@ -159,41 +169,61 @@ def row(name: str, *, images: int, batch: int, steps: int, rows_per_step: int, s
 
 def bench_samplers(model: BUSGenUNet, plan: Plan, device: torch.device, long_steps: int | None,
                    rounds: int) -> list[dict[str, object]]:
-    """Rows 1–3: the three samplers on one batch of conditions, interleaved round by round."""
+    """Rows 1–4: our reference and fastest settings and the two ancestral chains, interleaved round by round."""
     cond = conditions(random_batch(model, plan.batch, device))
-    guidance = SAMPLING_DEFAULTS[model.config.profile].guidance
+    fastest = SAMPLING_DEFAULTS[model.config.profile]
     T = model.config.num_train_timesteps
     pipe = stock_pipeline(model)
 
-    def ours(sampler: str, steps: int) -> None:
-        sample(model, cond, sampler=sampler, steps=steps, guidance=guidance,
-               generator=torch.Generator(device).manual_seed(0), progress=False)
+    def ours(setting: SamplingDefaults, steps: int | None = None) -> None:
+        sample(model, cond, sampler=setting.sampler, steps=steps or setting.steps, order=setting.order,
+               guidance=setting.guidance, generator=torch.Generator(device).manual_seed(0), progress=False)
 
     def stock(steps: int) -> None:
         pipe(batch_size=plan.batch, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(0),
              output_type="pt")
 
+    ddpm = SamplingDefaults("ddpm", T, 1, REFERENCE.guidance)
+    # The fastest setting under each speed option; channels-last converts weights, so it gets its own copy.
+    prepared = {name: speed.prepare(copy.deepcopy(model) if speed.channels_last else model)
+                for name, speed in SPEEDS.items()}
+
+    def fast(name: str, steps: int | None = None) -> None:
+        sample(prepared[name], cond, sampler=fastest.sampler, steps=steps or fastest.steps, order=fastest.order,
+               guidance=fastest.guidance, generator=torch.Generator(device).manual_seed(0), progress=False,
+               speed=SPEEDS[name])
+
     # Warm-up (allocator, kernels, lazy imports), excluded from the timings.
-    ours("dpmsolver++", WARMUP_STEPS), ours("ddpm", WARMUP_STEPS), stock(WARMUP_STEPS)
+    ours(REFERENCE, WARMUP_STEPS), ours(ddpm, WARMUP_STEPS), stock(WARMUP_STEPS)
+    for name in SPEEDS:
+        fast(name, WARMUP_STEPS)
 
     stock_k = min(long_steps or STOCK_STEPS, STOCK_STEPS)
     ddpm_k = min(long_steps or T, T)
     seconds = best_of_interleaved({
-        "dpm": lambda: ours("dpmsolver++", DPM_STEPS),
+        "reference": lambda: ours(REFERENCE),
+        **{name: (lambda name=name: fast(name)) for name in SPEEDS},
         "stock": lambda: stock(stock_k),
-        "ddpm": lambda: ours("ddpm", ddpm_k),
+        "ddpm": lambda: ours(ddpm, ddpm_k),
     }, rounds, device)
+
+    def describe(s: SamplingDefaults) -> str:
+        return f"{s.sampler} order {s.order}, {s.steps} steps, w={s.guidance}: cond + uncond in one batched forward"
+
     return [
-        row("ours DPM-Solver++ (CFG)", images=plan.batch, batch=plan.batch, steps=DPM_STEPS,
-            rows_per_step=2 * plan.batch, seconds=seconds["dpm"],
-            note=f"dpmsolver++ (multistep, order 2), w={guidance}: cond + uncond in one batched forward"),
+        row("ours reference (CFG)", images=plan.batch, batch=plan.batch, steps=REFERENCE.steps,
+            rows_per_step=2 * plan.batch, seconds=seconds["reference"], note=describe(REFERENCE)),
+        *(row(f"ours fastest setting, {name}", images=plan.batch, batch=plan.batch, steps=fastest.steps,
+              rows_per_step=2 * plan.batch, seconds=seconds[name],
+              note=describe(fastest) + f"; profiles.SAMPLING[{model.config.profile!r}], {name}")
+          for name in SPEEDS),
         row("stock DDPMPipeline", images=plan.batch, batch=plan.batch, steps=STOCK_STEPS,
             rows_per_step=plan.batch, seconds=seconds["stock"], steps_timed=None if stock_k == STOCK_STEPS else stock_k,
             note=f"diffusers as shipped, UNGUIDED (null conditions, one forward of B per step); "
                  f"DDPMScheduler T'={STOCK_STEPS}, the model's betas x {T}/{STOCK_STEPS}"),
         row("ours DDPM ancestral (CFG)", images=plan.batch, batch=plan.batch, steps=T,
             rows_per_step=2 * plan.batch, seconds=seconds["ddpm"], steps_timed=None if ddpm_k == T else ddpm_k,
-            note=f"sample(sampler='ddpm'), all T={T} steps, w={guidance}"),
+            note=f"sample(sampler='ddpm'), all T={T} steps, w={REFERENCE.guidance}"),
     ]
 
 
@@ -248,6 +278,16 @@ def bench_reference_gpu(model: BUSGenUNet, device: torch.device, bf16: bool) -> 
 
 # --------------------------------------------------------------------------- main
 
+def bf16_matches(profile: str, setting: SamplingDefaults) -> bool:
+    """Whether the last solver sweep of `profile` found bf16 samples of `setting` to match the full chain's."""
+    path = REPO / "runs" / "bench" / f"solver_sweep-{profile}.json"
+    if not path.exists():
+        return False
+    rows = json.loads(path.read_text())["rows"]
+    return any(r["precision"] == "bf16" and r["sampler"] == setting.sampler and r["steps"] == setting.steps
+               and r["order"] == setting.order and r["matches"] for r in rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=list(PROFILES), default="demo", help="run profile (model size, counts)")
@@ -294,18 +334,27 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {r['name']}: {r['note']}")
 
     ips = {r["name"]: r["images_per_s"] for r in rows}
+    allowed = [f"ours fastest setting, {name}" for name in SPEEDS
+               if SPEEDS[name].precision == "fp32" or bf16_matches(profile, SAMPLING_DEFAULTS[profile])]
+    best = max(allowed, key=ips.get)
+    print(f"\nfastest at matched quality: {best} (bf16 counts only where bench/solver_sweep.py found its samples "
+          f"to match the reference: {'yes' if len(allowed) == len(SPEEDS) else 'no or not measured'})")
     ratios = {
-        "dpm_vs_stock_ddpm_pipeline": ips["ours DPM-Solver++ (CFG)"] / ips["stock DDPMPipeline"],
-        "dpm_vs_our_ddpm": ips["ours DPM-Solver++ (CFG)"] / ips["ours DDPM ancestral (CFG)"],
+        "fastest_vs_stock_ddpm_pipeline": ips[best] / ips["stock DDPMPipeline"],
+        "reference_vs_stock_ddpm_pipeline": ips["ours reference (CFG)"] / ips["stock DDPMPipeline"],
+        "fastest_vs_reference": ips[best] / ips["ours reference (CFG)"],
+        "fastest_bf16_vs_fp32": ips["ours fastest setting, bf16"] / ips["ours fastest setting, fp32"],
+        "fastest_channels_last_vs_contiguous": ips["ours fastest setting, fp32 channels-last"] / ips["ours fastest setting, fp32"],
         "our_ddpm_vs_stock_ddpm_pipeline": ips["ours DDPM ancestral (CFG)"] / ips["stock DDPMPipeline"],
     }
     print()
-    print(f"ours DPM-Solver++ ({DPM_STEPS} steps, guided) vs stock DDPMPipeline ({STOCK_STEPS} steps, unguided): "
-          f"{ratios['dpm_vs_stock_ddpm_pipeline']:.1f}x images/s")
-    print(f"ours DPM-Solver++ vs ours DDPM ({model.config.num_train_timesteps} steps, guided): "
-          f"{ratios['dpm_vs_our_ddpm']:.1f}x images/s")
-    print(f"ours DDPM (guided, 2B rows/step) vs stock DDPMPipeline (unguided, B rows/step): "
-          f"{ratios['our_ddpm_vs_stock_ddpm_pipeline']:.2f}x images/s")
+    for key, text in (("fastest_vs_stock_ddpm_pipeline", "ours fastest at matched quality vs stock DDPMPipeline"),
+                      ("reference_vs_stock_ddpm_pipeline", "ours reference vs stock DDPMPipeline"),
+                      ("fastest_vs_reference", "ours fastest vs ours reference"),
+                      ("fastest_bf16_vs_fp32", "bf16 autocast vs fp32 (fastest setting)"),
+                      ("fastest_channels_last_vs_contiguous", "channels-last vs contiguous (fastest setting, fp32)"),
+                      ("our_ddpm_vs_stock_ddpm_pipeline", "ours DDPM (guided, 2B rows/step) vs stock (unguided, B rows)")):
+        print(f"{text}: {ratios[key]:.2f}x images/s")
 
     path = write_json(f"sampling-{profile}", {
         "profile": profile, "image_size": model.config.image_size, "parameters": count_parameters(model),

@@ -19,7 +19,7 @@ from busgen_lib.data.schema import PATHOLOGIES
 from busgen_lib.errors import BusgenError, DataError, UsageError
 from busgen_lib.profiles import PROFILES
 
-SAMPLERS = ("dpmsolver++-singlestep", "dpmsolver++", "ddpm")
+SAMPLERS = ("dpmsolver++-singlestep", "dpmsolver++", "unipc", "ddim", "ddpm")  # sample.SAMPLERS, as PRECISIONS
 PRECISIONS = ("fp32", "bf16")  # speed.PRECISIONS, repeated so that `--help` does not import torch
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import busgen_lib.diffusion.sample as sampling
 from busgen_lib.diffusion.model import build_model
-from busgen_lib.diffusion.sample import cfg_eps, sample
+from busgen_lib.diffusion.sample import cfg_eps, make_scheduler, sample
 from busgen_lib.diffusion.schedule import ddpm_scheduler, diffusion_loss, q_sample
 
 from reference_schedule import BETA_END, BETA_START, T, Schedule
@@ -182,6 +182,10 @@ def test_ddpm_ancestral_sampling_reproduces_gaussian_data():
     ("dpmsolver++-singlestep", 3, 20, 0.04),  # only 7 third-order macro-steps of 3 evaluations
     ("dpmsolver++-singlestep", 3, 50, 0.01),  # the reference setting
     ("dpmsolver++", 2, 100, 0.003),  # converges: error shrinks with the step count
+    ("unipc", 2, 20, 0.02),
+    ("unipc", 2, 100, 0.003),
+    ("ddim", 1, 100, 0.03),  # first order: slower convergence than the others
+    ("ddim", 1, 500, 0.006),
 ])
 def test_dpm_solver_transports_noise_to_gaussian_data(monkeypatch, sampler, order, steps, tol):
     model = GaussianEps(MEANS[:1], COV)
@@ -189,6 +193,37 @@ def test_dpm_solver_transports_noise_to_gaussian_data(monkeypatch, sampler, orde
     mean_target, cov_target = exact_flow_target(MEANS[0])
     assert (mean - mean_target).abs().max() < tol / 2
     assert (cov - cov_target).abs().max() < tol
+
+
+def test_ddim_error_falls_like_a_first_order_method(monkeypatch):
+    """Halving DDIM's step size roughly halves its error (order 1); DPM-Solver++ 2M's falls faster."""
+    model = GaussianEps(MEANS[:1], COV)
+    _, cov_target = exact_flow_target(MEANS[0])
+
+    def error(sampler: str, order: int, steps: int) -> float:
+        ((_, cov),) = push_basis(monkeypatch, model, [1], sampler=sampler, steps=steps, order=order, guidance=0.0)
+        return float((cov - cov_target).abs().max())
+
+    assert 1.7 < error("ddim", 1, 50) / error("ddim", 1, 100) < 2.3
+    assert error("dpmsolver++", 2, 50) / error("dpmsolver++", 2, 100) > 2.5
+
+
+@pytest.mark.parametrize("steps", [7, 15, 50])  # 7 and 15 do not divide T
+def test_ddim_step_is_the_closed_form_update(steps):
+    """x_t' = √ᾱ_t' x̂_0 + √(1 − ᾱ_t') (x_t − √ᾱ_t x̂_0) / √(1 − ᾱ_t) (Song et al. 2021, eq. 12 with σ = 0)."""
+    solver = make_scheduler(Schedule(), "ddim", steps)
+    ab = torch.from_numpy(alpha_bar_numpy())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 2, 2, generator=gen, dtype=torch.float64)
+    timesteps = [int(t) for t in solver.timesteps]
+    assert timesteps[0] == T - 1 and len(timesteps) == steps
+    for t, t_next in zip(timesteps, timesteps[1:] + [None]):
+        x0 = torch.randn(3, 1, 2, 2, generator=gen, dtype=torch.float64)
+        ab_next = torch.tensor(1.0, dtype=torch.float64) if t_next is None else ab[t_next]
+        expected = ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * (x - ab[t].sqrt() * x0) / (1 - ab[t]).sqrt()
+        # diffusers keeps its σ's in float32: agreement to float32 precision, one step at a time.
+        torch.testing.assert_close(solver.step(x0, t, x).prev_sample, expected, rtol=1e-4, atol=1e-5)
+        x = expected
 
 
 def test_guidance_zero_samples_each_class_from_its_own_distribution(monkeypatch):
@@ -255,7 +290,7 @@ class Halve(nn.Module):
         return x_t / 2
 
 
-@pytest.mark.parametrize("sampler", ["dpmsolver++-singlestep", "ddpm"])
+@pytest.mark.parametrize("sampler", ["dpmsolver++-singlestep", "unipc", "ddim", "ddpm"])
 def test_sample_i_gets_the_same_noise_in_any_batch(sampler):
     kwargs = dict(sampler=sampler, steps=5, order=3, guidance=0.0, progress=False, clip_x0=False)
     in_batch = sample(Halve(), classes([1, 2, 3, 1]), seeds=[10, 11, 12, 13], **kwargs)

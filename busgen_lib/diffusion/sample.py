@@ -14,8 +14,14 @@ The solvers are diffusers' schedulers, built `from_config` of the training DDPM
 scheduler so that they share its β's, and given x̂_0 (`prediction_type="sample"`):
 
 * "dpmsolver++-singlestep": `DPMSolverSinglestepScheduler`, the reference (order 3, 50 steps);
-* "dpmsolver++": `DPMSolverMultistepScheduler` (diffusers' default sampler, order 2);
-* "ddpm": `DDPMScheduler`, the ancestral sampler, as a slow reference.
+* "dpmsolver++": `DPMSolverMultistepScheduler` (diffusers' default sampler, order 2: "2M");
+* "unipc": `UniPCMultistepScheduler` (predictor–corrector, x̂_0 form, bh2);
+* "ddim": DDIM with η = 0, the first-order probability-flow step (as first-order DPM-Solver++);
+* "ddpm": `DDPMScheduler`, the ancestral sampler, as a slow reference (the only stochastic one).
+
+Which of them at how many steps is worth its time is measured by
+`experiments/solver_sweep.py` (bench/solver_sweep.py); the profiles' defaults
+sit at its knee.
 
 DPM-Solver++ is itself written in x̂_0 (it extrapolates the x̂_0 of the last
 steps), so handing it x̂_0 changes nothing in its update; what it makes visible
@@ -30,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
@@ -39,7 +45,7 @@ from tqdm.auto import tqdm
 from busgen_lib.diffusion.schedule import ScheduleConfig, ddpm_scheduler
 from busgen_lib.diffusion.speed import FP32, Speed
 
-SAMPLERS = ("dpmsolver++-singlestep", "dpmsolver++", "ddpm")
+SAMPLERS = ("dpmsolver++-singlestep", "dpmsolver++", "unipc", "ddim", "ddpm")
 COND_KEYS = ("pathology", "device", "boxes", "box_valid", "box_mask")
 
 CondFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,6 +82,7 @@ def sample(
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     solver = make_scheduler(model.config, sampler, steps, order)
     alpha_bar = solver.alphas_cumprod.to(device)
+    noise = {"generator": generator} if sampler == "ddpm" else {}  # the deterministic solvers draw nothing
 
     was_training = model.training
     model.eval()
@@ -90,7 +97,7 @@ def sample(
             x0 = (x - (1 - alpha_bar[t]).sqrt() * eps) / alpha_bar[t].sqrt()       # x̂_0 that ε̃ implies
             if clip_x0:
                 x0 = x0.clamp(-1.0, 1.0)
-            x = solver.step(x0.to(x.dtype), t, x, generator=generator).prev_sample  # x_t → x_t'
+            x = solver.step(x0.to(x.dtype), t, x, **noise).prev_sample  # x_t → x_t'
     finally:
         model.train(was_training)
     return x.clamp(-1.0, 1.0) if clip_x0 else x
@@ -135,6 +142,14 @@ def make_scheduler(config: ScheduleConfig, sampler: str, steps: int, order: int 
         # lower_order_final handles step counts that are not a multiple of the order.
         scheduler = DPMSolverSinglestepScheduler.from_config(
             base, prediction_type="sample", algorithm_type="dpmsolver++", solver_order=order, lower_order_final=True)
+    elif sampler == "unipc":
+        scheduler = UniPCMultistepScheduler.from_config(
+            base, prediction_type="sample", predict_x0=True, solver_order=order, timestep_spacing="linspace")
+    elif sampler == "ddim":
+        # DDIM (η = 0) is first-order DPM-Solver++ (the same update, Lu et al. 2022). diffusers' DDIMScheduler is
+        # not used: it takes the previous timestep as t − T // steps, wrong when `steps` does not divide T.
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            base, prediction_type="sample", algorithm_type="dpmsolver++", solver_order=1, timestep_spacing="linspace")
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     scheduler.set_timesteps(steps)
