@@ -84,8 +84,10 @@ UNET: dict[str, dict] = {
 }
 
 SAMPLING: dict[str, dict] = {
-    "smoke": dict(steps=6),
-    "demo": dict(steps=15),
+    "smoke": dict(steps=6),  # CI speed only; a network this small has no quality worth a sweep
+    # The knee of bench/solver_sweep.py on the demo phantom model (README, "Generation speed"): 5–8 steps lose
+    # device control, 12 keep it with every solver; DPM-Solver++ 2M has the smallest error there.
+    "demo": dict(sampler="dpmsolver++", steps=12, order=2),
     "paper": dict(),  # reference: DPM-Solver++ singlestep order 3, 50 steps, w = 1.8
 }
 

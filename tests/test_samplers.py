@@ -290,7 +290,7 @@ class Halve(nn.Module):
         return x_t / 2
 
 
-@pytest.mark.parametrize("sampler", ["dpmsolver++-singlestep", "unipc", "ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["dpmsolver++-singlestep", "dpmsolver++", "unipc", "ddim", "ddpm"])
 def test_sample_i_gets_the_same_noise_in_any_batch(sampler):
     kwargs = dict(sampler=sampler, steps=5, order=3, guidance=0.0, progress=False, clip_x0=False)
     in_batch = sample(Halve(), classes([1, 2, 3, 1]), seeds=[10, 11, 12, 13], **kwargs)

@@ -17,7 +17,8 @@ BOX = "box control (centroid in box)"
 def table(rows: list[tuple[str, int, float, float]]) -> pd.DataFrame:
     """(sampler, steps, Fréchet distance, pathology accuracy) rows; the box accuracy is always inside its interval."""
     t = pd.DataFrame([{"sampler": s, "order": 2, "steps": n, "precision": "fp32", "nfe": 2 * n, "seconds_per_image": n / 10,
-                       "frechet_to_reference": fd, "pathology control": acc, BOX: 0.8} for s, n, fd, acc in rows])
+                       "frechet_to_reference": fd, "pathology control": acc, BOX: 0.8,
+                       "grey_diff_to_converged": 10 / n} for s, n, fd, acc in rows])
     t.attrs["reference_controls"] = {"pathology control": (0.6, 0.9), BOX: (0.7, 0.9)}
     return t
 
@@ -40,9 +41,11 @@ def test_the_knee_is_the_cheapest_matching_grid_setting_never_a_reference():
     assert (chosen["sampler"], chosen["steps"]) == ("ddim", 8)
     t.loc[len(t)] = {**t.iloc[-2].to_dict(), "steps": 6, "nfe": 12, "precision": "bf16"}  # cheaper, but bf16
     assert knee(t)["steps"] == 8
+    t.loc[len(t)] = {**t.loc[t["sampler"] == "ddim"].iloc[0].to_dict(), "sampler": "unipc", "grey_diff_to_converged": 0.5}
+    assert knee(t)["sampler"] == "unipc"  # same evaluations, smaller error against the converged solution
     with pytest.raises(ValueError, match="no setting of the grid matches"):
         knee(table(REFERENCES + [("unipc", 5, 9.0, 0.75)]))
-    assert summary(t)["matches"].sum() == 6
+    assert summary(t)["matches"].sum() == 7
 
 
 def test_grid_and_references():
@@ -79,7 +82,7 @@ def test_quality_of_the_reference_against_itself_is_perfect_and_differences_are_
 
     class Probes:
         size = 8
-        pathology = type("P", (), {"network": None})()
+        pathology = type("P", (), {"model": None})()
 
         def evaluate(self, frame, images):
             return []

@@ -20,7 +20,7 @@ A setting *matches* the reference when its Fréchet distance to the ancestral
 samples is at most `fd_margin` times the converged ODE solution's (the floor a
 deterministic solver reaches at this n), and each control accuracy lies inside
 the reference's 95 % Wilson interval. The knee is the matching setting with
-the fewest network evaluations. Draws are cached per setting (keyed by the
+the fewest network evaluations (`knee`). Draws are cached per setting (keyed by the
 weights, plan, guidance and setting), so a killed sweep resumes.
 """
 
@@ -123,7 +123,7 @@ def quality(images: torch.Tensor, requests: Sequence[Request], probes: ControlPr
     """Fréchet distance to the reference samples, control accuracies, mean |difference| in grey levels (0–255)."""
     small = _resize(images, probes.size)
     row = {"frechet_to_reference": frechet_distance(_resize(reference, probes.size), small,
-                                                    ProbeFeatures(probes.pathology.network))}
+                                                    ProbeFeatures(probes.pathology.model))}
     for result in probes.evaluate(plan_frame(requests), small):
         row[f"{result.name}"] = result.value
     row["grey_diff_to_converged"] = float((images - converged).abs().mean() * 127.5)
@@ -168,7 +168,11 @@ def matches(table: pd.DataFrame, fd_margin: float = 1.25) -> pd.Series:
 
 
 def knee(table: pd.DataFrame, fd_margin: float = 1.25) -> pd.Series:
-    """The fp32 matching setting with the fewest network evaluations (ties: the faster one); references excluded.
+    """The fp32 matching setting with the fewest network evaluations; references excluded.
+
+    Ties (several solvers match at the same count) go to the smallest per-pixel
+    error against the converged solution: unlike seconds, it does not depend on
+    how busy the machine was.
 
     Lower precision is a separate choice of the user (`--precision`): its rows are
     measured against the same rule but never become a profile's default.
@@ -178,7 +182,7 @@ def knee(table: pd.DataFrame, fd_margin: float = 1.25) -> pd.Series:
     ok = matches(table, fd_margin).loc[grid_rows.index]
     if not ok.any():
         raise ValueError("no setting of the grid matches the reference; extend the grid to more steps")
-    return grid_rows[ok].sort_values(["nfe", "seconds_per_image"]).iloc[0]
+    return grid_rows[ok].sort_values(["nfe", "grey_diff_to_converged"]).iloc[0]
 
 
 def summary(table: pd.DataFrame, fd_margin: float = 1.25) -> pd.DataFrame:
