@@ -57,7 +57,7 @@ class Setting:
 
 
 SOLVERS = (("dpmsolver++-singlestep", 3), ("dpmsolver++", 2), ("unipc", 2), ("ddim", 1))
-DEFAULT_STEPS = (5, 8, 12, 20, 30)
+DEFAULT_STEPS = (5, 8, 12, 15, 20)
 CONVERGED = Setting("dpmsolver++", 100, 2)
 
 
