@@ -175,34 +175,30 @@ def bench_samplers(model: BUSGenUNet, plan: Plan, device: torch.device, long_ste
     T = model.config.num_train_timesteps
     pipe = stock_pipeline(model)
 
-    def ours(setting: SamplingDefaults, steps: int | None = None) -> None:
-        sample(model, cond, sampler=setting.sampler, steps=steps or setting.steps, order=setting.order,
-               guidance=setting.guidance, generator=torch.Generator(device).manual_seed(0), progress=False)
+    # Each speed option's network; channels-last converts weights, so it gets its own copy (fp32: the model itself).
+    prepared = {name: speed.prepare(copy.deepcopy(model) if speed.channels_last else model)
+                for name, speed in SPEEDS.items()}
+
+    def ours(setting: SamplingDefaults, steps: int | None = None, speed: str = "fp32") -> None:
+        sample(prepared[speed], cond, sampler=setting.sampler, steps=steps or setting.steps, order=setting.order,
+               guidance=setting.guidance, generator=torch.Generator(device).manual_seed(0), progress=False,
+               speed=SPEEDS[speed])
 
     def stock(steps: int) -> None:
         pipe(batch_size=plan.batch, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(0),
              output_type="pt")
 
     ddpm = SamplingDefaults("ddpm", T, 1, REFERENCE.guidance)
-    # The fastest setting under each speed option; channels-last converts weights, so it gets its own copy.
-    prepared = {name: speed.prepare(copy.deepcopy(model) if speed.channels_last else model)
-                for name, speed in SPEEDS.items()}
-
-    def fast(name: str, steps: int | None = None) -> None:
-        sample(prepared[name], cond, sampler=fastest.sampler, steps=steps or fastest.steps, order=fastest.order,
-               guidance=fastest.guidance, generator=torch.Generator(device).manual_seed(0), progress=False,
-               speed=SPEEDS[name])
-
     # Warm-up (allocator, kernels, lazy imports), excluded from the timings.
     ours(REFERENCE, WARMUP_STEPS), ours(ddpm, WARMUP_STEPS), stock(WARMUP_STEPS)
     for name in SPEEDS:
-        fast(name, WARMUP_STEPS)
+        ours(fastest, WARMUP_STEPS, name)
 
     stock_k = min(long_steps or STOCK_STEPS, STOCK_STEPS)
     ddpm_k = min(long_steps or T, T)
     seconds = best_of_interleaved({
         "reference": lambda: ours(REFERENCE),
-        **{name: (lambda name=name: fast(name)) for name in SPEEDS},
+        **{name: (lambda name=name: ours(fastest, speed=name)) for name in SPEEDS},
         "stock": lambda: stock(stock_k),
         "ddpm": lambda: ours(ddpm, ddpm_k),
     }, rounds, device)
