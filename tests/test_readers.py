@@ -173,3 +173,48 @@ def test_bad_exports_are_refused_naming_file_row_and_field(tmp_path, edit, messa
     with pytest.raises(DataError, match=message) as error:
         R.read_reader_export(path, truth)
     assert "bad.csv" in str(error.value)
+
+
+# --------------------------------------------------------------------------- notebook 06's study design
+
+def test_the_early_diagnosis_test_set_keeps_out_the_few_shot_patients_and_takes_one_view_per_lesion():
+    from busgen_lib.experiments.early_diagnosis import held_out_test
+
+    dcis = pd.DataFrame({"image": [f"d{i}.png" for i in range(6)], "patient_id": ["A", "A", "B", "B", "C", "C"],
+                         "lesion_id": ["A1", "A1", "B1", "B1", "C1", "C2"], "split": "train",
+                         "pathology": "malignant"})
+    pretrain = pd.DataFrame({"image": ["b0.png", "b1.png", "b2.png", "m0.png"], "patient_id": ["P", "P", "Q", "R"],
+                             "lesion_id": ["P1", "P1", "Q1", "R1"], "split": ["test", "test", "train", "test"],
+                             "pathology": ["benign", "benign", "benign", "malignant"]})
+    dcis.attrs["root"] = pretrain.attrs["root"] = "/data"   # as read_manifest sets it
+    test = held_out_test(dcis, pretrain, shots=dcis.iloc[[0]])
+    assert test["lesion_id"].tolist() == ["B1", "C1", "C2", "P1"]
+    assert test["image"].tolist()[0] == "/data/d2.png"
+    with pytest.raises(DataError, match="held-out DCIS"):
+        held_out_test(dcis, pretrain, shots=dcis)
+
+
+def test_a_real_sets_radiologists_are_one_reader_point():
+    from busgen_lib.experiments.early_diagnosis import real_reader_points
+
+    manifest = pd.DataFrame({"lesion_id": ["a", "a", "b", "c", "d", "e"],
+                             "subtype": ["dcis", "dcis", "dcis", "fibroadenoma", "cyst", "idc"],
+                             "pathology": ["malignant", "malignant", "malignant", "benign", "benign", "malignant"],
+                             "birads": ["4b", "4b", "3", "4A", "2", "5"]})
+    y, points = real_reader_points(manifest, {"subtype": "dcis"}, {"pathology": "benign"})
+    assert y.tolist() == [1, 1, 0, 0]          # lesions a, b, c, d; e (IDC) is neither class
+    at_4a = points.set_index("threshold").loc["4a"]
+    assert (at_4a["sensitivity"], at_4a["specificity"]) == (0.5, 0.5)
+
+
+def test_the_reader_study_apps_birads_export_is_read_as_it_comes(tmp_path):
+    truth = _truth(2, 1)
+    app = pd.DataFrame({"reader": ["r1"] * 3 + ["r2"] * 3, "image_id": [f"{i:016x}" for i in range(6)],
+                        "truth_image": list(truth.index) * 2, "birads": ["4b", "3", "2", "5", "4a", "4c"],
+                        "second_birads": ["4c", "3", "3", "5", "4b", "4c"], "answer": ""})
+    app.to_csv(tmp_path / "answers.csv", index=False)
+    reads = R.read_reader_export(tmp_path / "answers.csv", truth)
+    after = R.reads_matrix(reads, truth, "birads_assisted")
+    assert after["r1"].tolist() == [4, 1, 1] and after["r2"].tolist() == [5, 3, 4]
+    app.assign(second_birads="").to_csv(tmp_path / "no_model.csv", index=False)
+    assert "birads_assisted" not in R.read_reader_export(tmp_path / "no_model.csv", truth)

@@ -50,6 +50,7 @@ from busgen_lib.evaluate.stats import bootstrap_ci, permutation_test, proportion
 BIRADS = ("2", "3", "4a", "4b", "4c", "5")   # ordinal; the simulated panel answers 3 … 5
 THRESHOLDS = ("4a", "4b", "4c")              # operating points of Fig 4c; 4a is the paper's
 EXPORT_COLUMNS = ("reader", "image", "birads", "birads_assisted")  # the last is optional
+APP_COLUMNS = {"truth_image": "image", "second_birads": "birads_assisted"}  # `reader-study export` → ours
 BIRADS_STEP = 0.5   # evidence (in SDs of the benign class) between successive BI-RADS criteria (an assumption)
 PAPER_PANEL = {"readers": 9, "sensitivity": 0.813, "specificity": 0.379,
                "sensitivity_gain": (0.165, 0.117, 0.215), "specificity_gain": (0.430, 0.328, 0.536)}
@@ -148,6 +149,9 @@ def read_reader_export(path: str | Path, truth: pd.Series) -> pd.DataFrame:
     """A reader study's CSV export, validated: `reader, image, birads[, birads_assisted]`, one row per
     (reader, image), every reader reading every image of `truth` (image → 0/1) and no other.
 
+    The BI-RADS study of `python -m busgen_lib reader-study` exports
+    `truth_image` and `second_birads`: they are read as `image` and
+    `birads_assisted` (the latter dropped when no reader saw a model output).
     Errors name the file, row (as in a spreadsheet: header = row 1) and field.
     """
     path = Path(path)
@@ -155,6 +159,10 @@ def read_reader_export(path: str | Path, truth: pd.Series) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise DataError(f"{path}: cannot read the reader export as CSV ({error})") from error
+    if "image" not in df.columns and "truth_image" in df.columns:
+        df = df.rename(columns=APP_COLUMNS)
+        if "birads_assisted" in df.columns and not df["birads_assisted"].str.strip().any():
+            df = df.drop(columns="birads_assisted")
     missing = [c for c in EXPORT_COLUMNS[:3] if c not in df.columns]
     if missing:
         raise DataError(f"{path}: the reader export lacks the column(s) {missing}; it needs "
