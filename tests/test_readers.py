@@ -23,6 +23,7 @@ def test_panel_means_equal_the_targets_and_readers_differ():
     assert np.mean([r.sensitivity for r in panel]) == pytest.approx(0.813, abs=1e-9)
     assert np.mean([r.specificity for r in panel]) == pytest.approx(0.379, abs=1e-9)
     assert np.std([r.sensitivity for r in panel]) > 0.02
+    assert R.simulate_panel(1, 0.8, 0.4, seed=1) == [R.Reader("reader_1", 0.8, 0.4)]
 
 
 def test_simulated_reads_reproduce_each_readers_sensitivity_and_specificity_at_4a():

@@ -113,9 +113,10 @@ def simulate_panel(n_readers: int, sensitivity: float, specificity: float, sprea
 
 
 def _around(mean: float, offsets: np.ndarray) -> np.ndarray:
-    base = logit(mean) + offsets - offsets.mean()
-    if np.allclose(offsets, 0.0):
+    centred = offsets - offsets.mean()
+    if np.allclose(centred, 0.0):  # one reader, or no spread: the mean itself
         return np.full(len(offsets), mean)
+    base = logit(mean) + centred
     shift = brentq(lambda s: expit(base + s).mean() - mean, -20.0, 20.0, xtol=1e-12)
     return expit(base + shift)
 
