@@ -265,12 +265,11 @@ def get_study(profile: str) -> StudySettings:
 
 # --------------------------------------------------------------------------- early diagnosis (notebook 06)
 # DCIS vs benign from few shots, and the reader comparison (§2.4, Fig 4a-d). The reader panel's targets are the
-# paper's (evaluate.readers.PAPER_PANEL); what varies per profile is the size of the generated set and the
-# resampling counts.
+# paper's (evaluate.readers.PAPER_PANEL); the generated images are notebook 03's (its profile sizes them); what
+# varies here is the resampling counts.
 
 @dataclass(frozen=True)
 class EarlyDiagnosisSettings:
-    generated: int            # generated images (benign + DCIS, balanced) from the DCIS-adapted BUSGen
     readers: int = 9          # simulated readers (the paper's panel: 9)
     reader_spread: float = 0.4  # between-reader spread of sensitivity and specificity, in logits (an assumption)
     trust: float = 0.5        # weight a simulated reader gives the model's output on the second read
@@ -279,9 +278,9 @@ class EarlyDiagnosisSettings:
 
 
 EARLY_DIAGNOSIS: dict[str, EarlyDiagnosisSettings] = {
-    "smoke": EarlyDiagnosisSettings(generated=32, n_boot=200, n_perm=2000),
-    "demo": EarlyDiagnosisSettings(generated=600),
-    "paper": EarlyDiagnosisSettings(generated=10_000),
+    "smoke": EarlyDiagnosisSettings(n_boot=200, n_perm=2000),
+    "demo": EarlyDiagnosisSettings(),
+    "paper": EarlyDiagnosisSettings(),
 }
 
 

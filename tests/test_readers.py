@@ -219,3 +219,17 @@ def test_the_reader_study_apps_birads_export_is_read_as_it_comes(tmp_path):
     assert after["r1"].tolist() == [4, 1, 1] and after["r2"].tolist() == [5, 3, 4]
     app.assign(second_birads="").to_csv(tmp_path / "no_model.csv", index=False)
     assert "birads_assisted" not in R.read_reader_export(tmp_path / "no_model.csv", truth)
+
+
+def test_bus_dms_generated_training_set_is_class_balanced_from_the_two_generators():
+    from busgen_lib.experiments.early_diagnosis import generated_training_set
+
+    dcis = pd.DataFrame({"image": ["d0.png", "d1.png"], "pathology": "malignant"})
+    base = pd.DataFrame({"image": [f"b{i}.png" for i in range(6)],
+                         "pathology": ["normal", "benign", "malignant", "benign", "benign", "benign"]})
+    dcis.attrs["root"] = base.attrs["root"] = "/gen"
+    rows = generated_training_set(dcis, base, seed=0)
+    assert rows["pathology"].value_counts().to_dict() == {"malignant": 2, "benign": 2}
+    assert set(rows["image"][rows["pathology"] == "benign"]) <= {"/gen/b1.png", "/gen/b3.png", "/gen/b4.png", "/gen/b5.png"}
+    with pytest.raises(DataError, match="0 benign"):
+        generated_training_set(dcis, base[base["pathology"] != "benign"])

@@ -43,6 +43,16 @@ def few_shot_real(shots: pd.DataFrame, pretrain: pd.DataFrame, seed: int = 0) ->
     return combine(absolute(shots), absolute(few_shot(benign, len(shots), seed, allow_fewer=True)))
 
 
+def generated_training_set(dcis: pd.DataFrame, base: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """BUS-DM's training set: the DCIS-adapted model's images (malignant) and as many benign images of the base
+    model, drawn at random, so the classes are balanced as the paper's category-balanced sampling makes them."""
+    benign = base[base["pathology"] == "benign"]
+    if dcis.empty or benign.empty:
+        raise DataError(f"BUS-DM needs generated DCIS and benign images; got {len(dcis)} DCIS and {len(benign)} benign")
+    benign = benign.sample(n=min(len(dcis), len(benign)), random_state=seed)
+    return combine(absolute(dcis), absolute(benign))
+
+
 def readers_figure(points: pd.DataFrame, title: str, y_true: np.ndarray | None = None,
                    score: np.ndarray | None = None, gains: pd.DataFrame | None = None) -> plt.Figure:
     """Fig 4c: each reader's operating points at the 4A, 4B and 4C thresholds, their mean at 4A and the paper's
