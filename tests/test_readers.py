@@ -233,3 +233,33 @@ def test_bus_dms_generated_training_set_is_class_balanced_from_the_two_generator
     assert set(rows["image"][rows["pathology"] == "benign"]) <= {"/gen/b1.png", "/gen/b3.png", "/gen/b4.png", "/gen/b5.png"}
     with pytest.raises(DataError, match="0 benign"):
         generated_training_set(dcis, base[base["pathology"] != "benign"])
+
+
+def test_a_birads_study_run_in_the_reader_study_app_feeds_the_analysis_unchanged(tmp_path):
+    """Notebook 06's test.csv (absolute image paths, the model's output column) → `reader-study create` → answers
+    (first read, then after the model's output) → export → read_reader_export: the reads come back as given."""
+    from busgen_lib.data.manifest import read_manifest, write_manifest
+    from busgen_lib.data.phantom import write_phantom
+    from busgen_lib.experiments.generalisation import absolute
+    from busgen_lib.reader_study.create import create_study
+    from busgen_lib.reader_study.store import Study
+
+    df = absolute(read_manifest(write_phantom(tmp_path / "phantom", n=6, size=32, seed=1, progress=False)))
+    test = write_manifest(df.assign(bus_dm=0.5), tmp_path / "06" / "test.csv")
+    truth = pd.Series((df["pathology"] == "malignant").astype(int).to_numpy(), index=df["image"].astype(str))
+    created = create_study(tmp_path / "study", ["alice", "bob"], real=[test], question="birads", model_column="bus_dm")
+    study, given = Study(created.folder), {}
+    for reader in ("alice", "bob"):
+        while (item := study.current(reader)) is not None:
+            first, second = R.BIRADS[item.position % 6], R.BIRADS[(item.position + 1) % 6]
+            key = "second_birads" if item.second else "birads"
+            assert study.record(reader, item.position, item.image_id, {key: second if item.second else first},
+                                item.second)
+            given[(reader, item.position)] = (first, second)
+    study.write_export(tmp_path / "answers.csv")
+    reads = R.read_reader_export(tmp_path / "answers.csv", truth)
+    assert len(reads) == 2 * len(truth)
+    export = pd.read_csv(tmp_path / "answers.csv", dtype=str)
+    for row, read in zip(export.itertuples(), reads.itertuples()):
+        assert (read.birads, read.birads_assisted) == given[(row.reader, int(row.position))]
+        assert read.image == row.truth_image
