@@ -230,7 +230,8 @@ def sensitivity_at_specificity(y_true: np.ndarray, score: np.ndarray, specificit
 
 
 def specificity_at_sensitivity(y_true: np.ndarray, score: np.ndarray, sensitivity: float) -> tuple[float, float]:
-    """(specificity, threshold): the model's best specificity among thresholds whose sensitivity is ≥ the given one."""
+    """(specificity, threshold): the model's best specificity among thresholds whose sensitivity is ≥ the given
+    one (the mirror of `sensitivity_at_specificity`)."""
     fpr, tpr, thr = roc_curve(np.asarray(y_true).astype(int), score)
     ok = tpr >= sensitivity - 1e-12
     k = int(np.flatnonzero(ok)[np.argmax(1.0 - fpr[ok])])

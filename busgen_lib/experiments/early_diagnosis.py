@@ -24,7 +24,8 @@ from busgen_lib.experiments.generalisation import absolute, combine
 THRESHOLD_COLOURS = {"4a": "#4c72b0", "4b": "#55a868", "4c": "#dd8452"}  # the paper's blue, green, orange dots
 
 
-def held_out_test(dcis: pd.DataFrame, pretrain: pd.DataFrame, shots: pd.DataFrame, per_lesion: bool = True) -> pd.DataFrame:
+def held_out_test(dcis: pd.DataFrame, pretrain: pd.DataFrame, shots: pd.DataFrame,
+                  per_lesion: bool = True) -> pd.DataFrame:
     """Held-out real lesions: DCIS of patients with no few-shot image, benign of the pretraining cohort's test
     split; one view per lesion (its first row) when `per_lesion`, so cases are independent as readers' are."""
     unseen = dcis[~dcis["patient_id"].isin(shots["patient_id"])]
