@@ -261,3 +261,29 @@ STUDY: dict[str, StudySettings] = {
 def get_study(profile: str) -> StudySettings:
     """The downstream studies' sizes under `profile`."""
     return _lookup(STUDY, profile)
+
+
+# --------------------------------------------------------------------------- prognosis (notebook 08, Fig 5)
+
+@dataclass(frozen=True)
+class PrognosisSettings:
+    real_train: int           # real training images per task (paper: TNBC 423 lesions, ALN 110)
+    shots: int                # training images per class adapter (LoRA, one adapter per class)
+    generated_per_class: int  # generated images per class added to BUS-DM's training set (paper: 10,000 in all)
+    band_px: int              # half-width of the margin band around the lesion boundary, in classifier input pixels
+    saliency_images: int      # positive test images whose GradCAM shares are measured
+    n_boot: int = 1000        # bootstrap replicates of the clustering-score and saliency-share CIs (§4.5)
+
+
+PROGNOSIS: dict[str, PrognosisSettings] = {
+    "smoke": PrognosisSettings(real_train=24, shots=4, generated_per_class=8, band_px=1, saliency_images=4,
+                               n_boot=50),
+    # demo: 4 adapters x 250 LoRA steps and 4 x 120 generated images at 64 px are most of the notebook's time.
+    "demo": PrognosisSettings(real_train=200, shots=34, generated_per_class=120, band_px=3, saliency_images=40),
+    "paper": PrognosisSettings(real_train=423, shots=60, generated_per_class=5000, band_px=8, saliency_images=200),
+}
+
+
+def get_prognosis(profile: str) -> PrognosisSettings:
+    """The prognosis study's sizes under `profile`."""
+    return _lookup(PROGNOSIS, profile)
