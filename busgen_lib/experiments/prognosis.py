@@ -128,8 +128,10 @@ def trained_model(kind: str, train: pd.DataFrame, task: Task, profile: str, out_
     rows, _ = task.select(train)
     if (out_dir / "model.json").exists():
         model = DiagnosticModel.load(out_dir, task)
+        same_clip = pretrain_df is None or model.record.get("clip", {}).get("pretrain_rows_sha256") == rows_fingerprint(
+            pretrain_df)
         if (model.record["train_rows_sha256"] == rows_fingerprint(rows) and model.record["seed"] == seed
-                and model.record["profile"] == profile):
+                and model.record["profile"] == profile and same_clip):
             return model
     if kind == BUS_DM:
         model = train_classifier(train, task, profile, seed=seed)
@@ -215,8 +217,8 @@ def embedding_study(results: Mapping[str, TaskResult], n_boot: int = 1000, seed:
 
 
 def embedding_figure(results: Mapping[str, TaskResult], maps: Mapping[tuple[str, str, str], np.ndarray],
-                     method: str) -> plt.Figure:
-    """One scatter per (task, model) of the `method` map, coloured by label (Fig 5c–d)."""
+                     method: str, scores: pd.DataFrame) -> plt.Figure:
+    """One scatter per (task, model) of the `method` map, coloured by label, its clustering scores above (Fig 5c–d)."""
     models = list(next(iter(results.values())).models)
     fig, axes = plt.subplots(len(results), len(models), figsize=(2.6 * len(models), 2.4 * len(results)),
                              squeeze=False)
@@ -226,7 +228,9 @@ def embedding_figure(results: Mapping[str, TaskResult], maps: Mapping[tuple[str,
             for label, colour in ((0, plotting.PALETTE["benign"]), (1, plotting.PALETTE["malignant"])):
                 keep = result.y == label
                 ax.scatter(*points[keep].T, s=8, color=colour, label=CLASS_NAMES[task_name][label])
-            ax.set(xticks=[], yticks=[], title=f"{name} · {task_name}")
+            got = scores[(scores["task"] == task_name) & (scores["model"] == name)].set_index("metric")["estimate"]
+            ax.set(xticks=[], yticks=[], title=f"{name} · {task_name}\n"
+                   f"NMI {got['nmi']:.2f} · ARI {got['ari']:.2f} · SIL {got['silhouette']:.2f}")
             ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     return fig
