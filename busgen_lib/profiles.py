@@ -269,18 +269,23 @@ def get_study(profile: str) -> StudySettings:
 class PrognosisSettings:
     real_train: int           # real training images per task (paper: TNBC 423 lesions, ALN 110)
     shots: int                # training images per class adapter (LoRA, one adapter per class)
+    adapt_steps: int          # LoRA steps per class adapter (notebook 02's adapters: profiles.ADAPT)
     generated_per_class: int  # generated images per class added to BUS-DM's training set (paper: 10,000 in all)
+    clip_corpus: int          # real training images whose composed reports pretrain Baseline-CLIP (paper: BUS-3.5M)
     band_px: int              # half-width of the margin band around the lesion boundary, in classifier input pixels
-    saliency_images: int      # positive test images whose GradCAM shares are measured
+    saliency_images: int      # positive held-out images whose GradCAM shares are measured
     n_boot: int = 1000        # bootstrap replicates of the clustering-score and saliency-share CIs (§4.5)
 
 
 PROGNOSIS: dict[str, PrognosisSettings] = {
-    "smoke": PrognosisSettings(real_train=24, shots=4, generated_per_class=8, band_px=1, saliency_images=4,
-                               n_boot=50),
-    # demo: 4 adapters x 250 LoRA steps and 4 x 120 generated images at 64 px are most of the notebook's time.
-    "demo": PrognosisSettings(real_train=200, shots=34, generated_per_class=120, band_px=3, saliency_images=40),
-    "paper": PrognosisSettings(real_train=423, shots=60, generated_per_class=5000, band_px=8, saliency_images=200),
+    "smoke": PrognosisSettings(real_train=24, shots=4, adapt_steps=8, generated_per_class=8, clip_corpus=200,
+                               band_px=1, saliency_images=4, n_boot=50),
+    # demo, estimated (not yet measured) on one thread: 4 adapters x 150 steps ~5 min, 4 x 80 images ~3.5 min,
+    # Baseline-CLIP on 400 reports ~2 min per task, BUS-DM ~1 min per task, clustering bootstraps ~2 min.
+    "demo": PrognosisSettings(real_train=200, shots=34, adapt_steps=150, generated_per_class=80, clip_corpus=400,
+                              band_px=3, saliency_images=40),
+    "paper": PrognosisSettings(real_train=423, shots=60, adapt_steps=5000, generated_per_class=5000,
+                               clip_corpus=100_000, band_px=8, saliency_images=200),
 }
 
 

@@ -13,8 +13,12 @@ tasks", and tests both on held-out real lesions. Here, on the phantom:
   training images, `lora.adapt`), and each adapter generates malignant images
   labelled with its class, on the same plan and seeds for both classes, so the
   two generated halves differ only by what the adapters learnt;
-- both models are scored on the test split; their AUCs get DeLong CIs and
-  DeLong's paired P (§4.5).
+- Baseline-CLIP's contrastive pretraining reads the composed reports of up
+  to `clip_corpus` real training images (the paper's: BUS-3.5M);
+- both models are scored on the held-out splits (`HELD_OUT`: val and test,
+  patient-disjoint from train; nothing is tuned on val here, and the demo
+  phantom's test split alone holds the TNBC-like views of a single lesion);
+  their AUCs get DeLong CIs and DeLong's paired P (§4.5).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from busgen_lib.experiments.generalisation import absolute, combine
 TASKS: dict[str, Task] = {"tnbc": Task("tnbc", "0", "1"), "aln": Task("aln_positive", "0", "1")}
 CLASS_NAMES = {"tnbc": ("non-TNBC", "TNBC"), "aln": ("ALN-negative", "ALN-positive")}
 BUS_DM, CLIP = "BUS-DM", "Baseline-CLIP"
+HELD_OUT = ("val", "test")
 
 # The paper's Fig 5a-b (AUC, 95% CI) and DeLong P. (Fig 5a's caption gives BUS-DM 0.954 (0.932-0.983) for TNBC;
 # the text, quoted here, gives 0.803 (0.740-0.880).)
@@ -143,7 +148,7 @@ def trained_model(kind: str, train: pd.DataFrame, task: Task, profile: str, out_
 
 @dataclass
 class TaskResult:
-    """What a prognosis task leaves for the figures: the test rows and labels, models and their scores."""
+    """What a prognosis task leaves for the figures: the held-out rows (`test`) and labels, models and their scores."""
 
     task: Task
     test: pd.DataFrame
@@ -154,25 +159,25 @@ class TaskResult:
 
 
 def run_task(task_name: str, real_df: pd.DataFrame, base_dir: str | Path, profile: str, out_dir: str | Path, *,
-             n_real: int, shots: int, n_generated: int, seed: int = 0, adapt_steps: int | None = None,
-             sampling: Mapping | None = None) -> TaskResult:
-    """Adapt, generate, train BUS-DM (real + generated) and Baseline-CLIP (real), and score the test split."""
+             n_real: int, shots: int, n_generated: int, clip_corpus: int, seed: int = 0,
+             adapt_steps: int | None = None, sampling: Mapping | None = None) -> TaskResult:
+    """Adapt, generate, train BUS-DM (real + generated) and Baseline-CLIP (real), and score the held-out splits."""
     task, out_dir = TASKS[task_name], Path(out_dir) / task_name
     rows = task_rows(real_df)
     train = real_training_set(rows, task, n_real, seed)
     adapters = class_adapters(base_dir, train, task_name, shots, out_dir / "adapters", seed, adapt_steps)
     generated = generated_set(base_dir, adapters, task, n_generated, out_dir / "generated", seed, **(sampling or {}))
     real_train = absolute(train)
-    corpus = absolute(real_df[real_df["split"].astype(str) == "train"])  # reports of every real training image
+    corpus = absolute(few_shot(real_df, clip_corpus, seed, allow_fewer=True))  # train split, spread over patients
     models = {BUS_DM: trained_model(BUS_DM, combine(real_train, generated), task, profile, out_dir / "bus_dm", seed),
               CLIP: trained_model(CLIP, real_train, task, profile, out_dir / "baseline_clip", seed, corpus)}
-    test_rows = rows[rows["split"].astype(str) == "test"]
+    test_rows = rows[rows["split"].astype(str).isin(HELD_OUT)]
     test_rows.attrs = dict(real_df.attrs)
     test, y = task.select(test_rows)
     scores = {name: m.predict_proba(test) for name, m in models.items()}
     _, y_train = task.select(train)
     sizes = {"real_train": len(train), "real_train_positive": int(y_train.sum()),
-             "generated": len(generated), "test": len(test), "test_positive": int(y.sum())}
+             "generated": len(generated), "held_out": len(test), "held_out_positive": int(y.sum())}
     return TaskResult(task, test, y, models, scores, sizes)
 
 
@@ -240,7 +245,7 @@ def embedding_figure(results: Mapping[str, TaskResult], maps: Mapping[tuple[str,
 
 @dataclass
 class SaliencyResult:
-    """GradCAM maps of one model on positive test images, their lesion masks, per-image shares and the summary."""
+    """GradCAM maps of one model on positive held-out images, their lesion masks, per-image shares and the summary."""
 
     images: np.ndarray
     cams: np.ndarray
@@ -251,7 +256,7 @@ class SaliencyResult:
 
 def saliency_study(result: TaskResult, model_name: str, n_images: int, band_px: int, n_boot: int = 1000,
                    seed: int = 0) -> SaliencyResult:
-    """GradCAM (positive class) of `model_name` on up to `n_images` positive test images, most confident first."""
+    """GradCAM (positive class) of `model_name` on up to `n_images` positive held-out images, most confident first."""
     model = result.models[model_name]
     positive = np.flatnonzero(result.y == 1)
     chosen = positive[np.argsort(-result.scores[model_name][positive], kind="stable")][:n_images]
