@@ -280,8 +280,10 @@ class PrognosisSettings:
 PROGNOSIS: dict[str, PrognosisSettings] = {
     "smoke": PrognosisSettings(real_train=24, shots=4, adapt_steps=8, generated_per_class=8, clip_corpus=200,
                                band_px=1, saliency_images=4, n_boot=50),
-    # demo, estimated (not yet measured) on one thread: 4 adapters x 150 steps ~5 min, 4 x 80 images ~3.5 min,
-    # Baseline-CLIP on 400 reports ~2 min per task, BUS-DM ~1 min per task, clustering bootstraps ~2 min.
+    # demo, ~12 min on one thread by parts: measured (demo phantom, one thread, machine at load ~4) Baseline-CLIP on
+    # 400 reports + 200 fine-tuning images 44 CPU-s, BUS-DM on 200 images 13 CPU-s, clustering scores with 1,000
+    # replicates on 217 x 96 features 9 CPU-s per model; estimated from notebook 02's demo times (README) 4 adapters
+    # x 150 steps ~5 min and 4 x 80 generated images ~3.5 min. The whole notebook is not yet measured under demo.
     "demo": PrognosisSettings(real_train=200, shots=34, adapt_steps=150, generated_per_class=80, clip_corpus=400,
                               band_px=3, saliency_images=40),
     "paper": PrognosisSettings(real_train=423, shots=60, adapt_steps=5000, generated_per_class=5000,
