@@ -287,3 +287,36 @@ EARLY_DIAGNOSIS: dict[str, EarlyDiagnosisSettings] = {
 def get_early_diagnosis(profile: str) -> EarlyDiagnosisSettings:
     """The early-diagnosis study's sizes under `profile`."""
     return _lookup(EARLY_DIAGNOSIS, profile)
+
+
+# --------------------------------------------------------------------------- prognosis (notebook 08, Fig 5)
+
+@dataclass(frozen=True)
+class PrognosisSettings:
+    real_train: int           # real training images per task (paper: TNBC 423 lesions, ALN 110)
+    shots: int                # training images per class adapter (LoRA, one adapter per class)
+    adapt_steps: int          # LoRA steps per class adapter (notebook 02's adapters: profiles.ADAPT)
+    generated_per_class: int  # generated images per class added to BUS-DM's training set (paper: 10,000 in all)
+    clip_corpus: int          # real training images whose composed reports pretrain Baseline-CLIP (paper: BUS-3.5M)
+    band_px: int              # half-width of the margin band around the lesion boundary, in classifier input pixels
+    saliency_images: int      # positive held-out images whose GradCAM shares are measured
+    n_boot: int = 1000        # bootstrap replicates of the clustering-score and saliency-share CIs (§4.5)
+
+
+PROGNOSIS: dict[str, PrognosisSettings] = {
+    "smoke": PrognosisSettings(real_train=24, shots=4, adapt_steps=8, generated_per_class=8, clip_corpus=200,
+                               band_px=1, saliency_images=4, n_boot=50),
+    # demo, ~12 min on one thread by parts: measured (demo phantom, one thread, machine at load ~4) Baseline-CLIP on
+    # 400 reports + 200 fine-tuning images 44 CPU-s, BUS-DM on 200 images 13 CPU-s, clustering scores with 1,000
+    # replicates on 217 x 96 features 9 CPU-s per model; estimated from notebook 02's demo times (README) 4 adapters
+    # x 150 steps ~5 min and 4 x 80 generated images ~3.5 min. The whole notebook is not yet measured under demo.
+    "demo": PrognosisSettings(real_train=200, shots=34, adapt_steps=150, generated_per_class=80, clip_corpus=400,
+                              band_px=3, saliency_images=40),
+    "paper": PrognosisSettings(real_train=423, shots=60, adapt_steps=5000, generated_per_class=5000,
+                               clip_corpus=100_000, band_px=8, saliency_images=200),
+}
+
+
+def get_prognosis(profile: str) -> PrognosisSettings:
+    """The prognosis study's sizes under `profile`."""
+    return _lookup(PROGNOSIS, profile)

@@ -191,3 +191,22 @@ def test_adapter_folder_is_peft_format_and_a_foreign_or_incomplete_one_is_named(
         load_adapter(fresh, folder)
     with pytest.raises(DataError, match="no adapter_config.json; is this a busgen adapter folder"):
         load_adapter(fresh, tmp_path)
+
+
+def test_a_finished_adaptation_is_returned_as_it_is(smoke_model, tiny_phantom, tmp_path, monkeypatch):
+    """Notebooks call adapt on every run; generated sets stamped with the adapter's digest must stay valid."""
+    folder = adapt(smoke_model, tiny_phantom, "few", tmp_path / "run", train_overrides=STEPS, progress=False)
+    saved = (folder / ADAPTER_WEIGHTS_FILE).read_bytes()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished adaptation was trained again")
+
+    monkeypatch.setattr(lora, "fit", no_training)
+    again = adapt(smoke_model, tiny_phantom, "few", tmp_path / "run", resume=True, train_overrides=STEPS,
+                  progress=False)
+    assert again == folder and (again / ADAPTER_WEIGHTS_FILE).read_bytes() == saved
+    from busgen_lib.errors import UsageError
+
+    with pytest.raises(UsageError, match="other settings"):  # the settings are still checked before the return
+        adapt(smoke_model, tiny_phantom, "few", tmp_path / "run", resume=True,
+              train_overrides=STEPS | {"steps": STEPS["steps"] + 2}, progress=False)

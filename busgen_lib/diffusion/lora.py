@@ -38,8 +38,8 @@ from busgen_lib.data.manifest import read_manifest
 from busgen_lib.diffusion.checkpoint import atomic_folder, load_model
 from busgen_lib.diffusion.model import BUSGenUNet
 from busgen_lib.diffusion.train import (BOX_PRIOR_FILE, TrainConfig, check_run_settings, check_train_config,
-                                        file_digest, fit, fit_box_prior, make_accelerator, refuse_overwrite,
-                                        train_dataset)
+                                        file_digest, finished, fit, fit_box_prior, make_accelerator,
+                                        refuse_overwrite, train_dataset)
 from busgen_lib.errors import DataError, UsageError
 from busgen_lib.profiles import ADAPT, get_profile
 
@@ -257,11 +257,13 @@ def adapt(model_dir: str | Path, manifest: str | Path, name: str, out: str | Pat
     check_run_settings(out, {"command": "adapt", "name": name, "base": base_fingerprint(model),
                              "manifest": file_digest(manifest), "lora": asdict(adapter_config), **asdict(config)},
                        resume, write=accelerator.is_main_process)
+    folder = out / "adapter"
+    if resume and finished(out, config.steps) and (folder / ADAPTER_WEIGHTS_FILE).exists():
+        return folder  # a finished run (notebooks call adapt on every run): kept byte-identical, as samples cite it
     accelerator.wait_for_everyone()
     torch.manual_seed(config.seed)
     add_adapter(model, name, adapter_config)
     net = fit(model, dataset, config, out, accelerator, resume=resume, progress=progress, desc=f"adapt {name}")
-    folder = out / "adapter"
     if accelerator.is_main_process:
         save_adapter(net, name, folder, base=str(model_dir), extra_files={BOX_PRIOR_FILE: json.dumps(prior.to_json())})
     accelerator.wait_for_everyone()

@@ -24,6 +24,8 @@ Modules (import them directly; nothing is imported eagerly here, so that
 - `translation` — device translations checked against the phantom's truth.
 - `detection` — AP@0.5 and AP_small (relative-area threshold), bootstrap CIs, paired P.
 - `subgroups`, `forest` — AUC per subgroup with CIs, and its forest plot.
+- `embeddings` — t-SNE/UMAP maps of model features; NMI, ARI (k-means) and silhouette with bootstrap CIs.
+- `saliency` — GradCAM (ViT and CNN) and its share in lesion, margin band and surrounding tissue.
 - `scaling`  — data-scaling curves over a training callable (`training`'s contract).
 - `shortcut` — device-shortcut (data-acquisition bias) splits, tests and ref. 29's estimate.
 - `utility`  — downstream AUC of a classifier trained on a dataset (real,
