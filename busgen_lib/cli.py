@@ -184,7 +184,6 @@ def _sample(args: argparse.Namespace) -> int:
     from busgen_lib.diffusion.speed import Speed
 
     model = _existing(args.model, "model folder", folder=True)
-    _check_backbone_options(args, model)
     if args.plan == "balanced" and args.n is None:
         raise UsageError("sample needs --n (how many images) for the balanced plan, or --plan CSV")
     if args.plan != "balanced":
@@ -194,6 +193,8 @@ def _sample(args: argparse.Namespace) -> int:
                              "a --plan CSV lists its rows itself")
     if args.adapter:
         _existing(args.adapter, "adapter folder", folder=True)
+    if args.birads or args.pathologies or args.devices or args.adapter:
+        _check_backbone_options(args, model)
     if args.cpsample is None and (args.cpsample_alpha is not None or args.cpsample_scale is not None):
         raise UsageError("--cpsample-alpha and --cpsample-scale need --cpsample CLASSIFIER")
     cond_fn = None

@@ -1,6 +1,7 @@
 """CoLDiT: BI-RADS conditions, label dropout and CFG, the autoencoder's loss, the shared loop's exact resume in both
 stages, sampling into a manifest, and refusal of a model folder of the other backbone."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -194,3 +195,65 @@ def test_birads_plans_cycle_categories_and_name_bad_rows(tmp_path):
     (tmp_path / "bad.csv").write_text("birads\n4c\n2\n")
     with pytest.raises(DataError, match="row 2, birads: '2'"):
         explicit_birads_plan(tmp_path / "bad.csv")
+
+
+# --------------------------------------------------------------------------- the study's measures (notebook 09)
+
+def test_reconstruction_psnr_and_ssim_match_direct_formula_and_skimage(coldit_run, tiny_phantom):
+    from skimage.metrics import structural_similarity
+
+    from busgen_lib.data.dataset import load_images
+    from busgen_lib.experiments.coldit import reconstruction
+
+    table = reconstruction(coldit_run, tiny_phantom, split="train").set_index("metric")
+    model, df = load_coldit(coldit_run).eval(), read_manifest(tiny_phantom)
+    x = load_images(df[df["split"] == "train"], 32)
+    with torch.no_grad():
+        a, b = ((model.decode(model.encode_latents(x)) + 1) / 2).double().numpy(), ((x + 1) / 2).double().numpy()
+    psnr = [10 * np.log10(1 / np.mean((p - q) ** 2)) for p, q in zip(a, b)]
+    ssim = [structural_similarity(p[0], q[0], data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False) for p, q in zip(a, b)]
+    assert table.loc["PSNR (dB)", "mean"] == pytest.approx(np.mean(psnr), abs=1e-3)
+    assert table.loc["SSIM", "mean"] == pytest.approx(np.mean(ssim), abs=1e-6)
+    assert table.loc["SSIM", "ci_lo"] <= table.loc["SSIM", "mean"] <= table.loc["SSIM", "ci_hi"]
+
+
+def test_control_row_counts_the_judges_agreement_with_a_wilson_ci(tiny_phantom):
+    from busgen_lib.evaluate.stats import proportion_ci
+    from busgen_lib.experiments.coldit import control_row
+
+    df = read_manifest(tiny_phantom)
+    frame = df[df["birads"].astype(str).isin(BIRADS_CLASSES)]
+
+    class Judge:  # says "4a" for every image
+        classes = BIRADS_CLASSES
+
+        def predict(self, images):
+            return np.full(len(images), BIRADS_CLASSES.index("4a"))
+
+    row = control_row("real", Judge(), frame, "birads", 32)
+    hits = int((frame["birads"].astype(str) == "4a").sum())
+    assert (row["n"], row["accuracy"], row["ci_lo"]) == (len(frame), hits / len(frame),
+                                                         proportion_ci(hits, len(frame))[1])
+
+
+def test_the_matched_unet_budget_sees_as_many_images_as_both_coldit_stages():
+    from busgen_lib.experiments.coldit import matched_unet_steps
+    from busgen_lib.profiles import PRETRAIN, get_coldit
+
+    s = get_coldit("demo")
+    seen = 600 * 16 + 1500 * 32  # demo: autoencoder 600 x 16, DiT 1500 x 32
+    assert (s.vae_train["steps"] * s.vae_train["batch_size"] + s.dit_train["steps"] * s.dit_train["batch_size"]) == seen
+    assert matched_unet_steps("demo") == round(seen / PRETRAIN["demo"]["batch_size"])
+
+
+def test_cli_refuses_the_other_backbones_options(coldit_run, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "busgen_lib", "sample", "--model", str(coldit_run), "--n", "2",
+                             "--pathologies", "benign", "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 2 and "--backbone dit model: --pathologies do not apply" in result.stderr
