@@ -265,8 +265,8 @@ def get_study(profile: str) -> StudySettings:
 
 # --------------------------------------------------------------------------- CoLDiT (latent DiT on BI-RADS, issue 13)
 # Read by diffusion/coldit.py (network) and diffusion/train.py (its two training stages). The source (a press
-# summary of the CoLDiT study) gives no sizes: "paper" is the DiT-B/2 of Peebles & Xie over a 4-channel f=8
-# autoencoder at 256 px, the usual latent-diffusion choice; the study's trainset was 9,705 images.
+# summary of the CoLDiT study) gives no sizes: "paper" is the DiT-B/2 of Peebles & Xie (12 layers, 12 heads x 64,
+# patch 2) over a 4-channel f=8 autoencoder at the profile's resolution, the usual latent-diffusion choice.
 
 @dataclass(frozen=True)
 class ColditSettings:
@@ -291,7 +291,10 @@ COLDIT: dict[str, ColditSettings] = {
                                            checkpoint_every=12, log_every=4),
                             dit_train=dict(steps=24, batch_size=8, learning_rate=1e-3, warmup_steps=4,
                                            checkpoint_every=12, log_every=4)),
-    # 64 px → 16² x 4 latents (f = 4), DiT of 6 layers x 4 heads x 32 on 8² patches of 2: minutes on 2 cores.
+    # 64 px → 16² x 4 latents (f = 4), DiT of 6 layers x 4 heads x 32 on 8² patches of 2. NOT YET TUNED OR RUN:
+    # on the loaded 2-core machine one thread took 5.6 s per autoencoder step at (32, 64, 64) x batch 16, 2.6 s per
+    # DiT step (batch 32, encoding included) and 5.5 s per demo UNet step (batch 16), so notebook 09 under demo
+    # needs smaller numbers (or another budget rule for its UNet arm) to fit in 15 minutes.
     "demo": ColditSettings(vae_channels=(32, 64, 64), latent_channels=4, kl_weight=1e-4,
                            dit_layers=6, dit_heads=4, dit_head_dim=32, patch_size=2, norm_num_groups=16,
                            vae_train=dict(steps=600, batch_size=16, learning_rate=1e-3, warmup_steps=30,
