@@ -15,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from busgen_lib.data.schema import PATHOLOGIES
+from busgen_lib.data.schema import BIRADS_CLASSES, PATHOLOGIES
 from busgen_lib.errors import BusgenError, DataError, UsageError
 from busgen_lib.profiles import PROFILES
 
@@ -141,8 +141,10 @@ def _pretrain(args: argparse.Namespace) -> int:
     from busgen_lib.diffusion.train import pretrain
 
     overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v is not None}
+    if args.box_mode and args.backbone != "unet":
+        raise UsageError("--box-mode is for --backbone unet; CoLDiT (dit) is conditioned on BI-RADS only")
     model_dir = pretrain(_existing(args.manifest, "manifest"), args.profile, _out_folder(args.out),
-                         resume=args.resume, train_overrides=overrides,
+                         resume=args.resume, train_overrides=overrides, backbone=args.backbone,
                          model_overrides={"box_mode": args.box_mode} if args.box_mode else None)
     print(model_dir)
     return 0
@@ -186,11 +188,13 @@ def _sample(args: argparse.Namespace) -> int:
         raise UsageError("sample needs --n (how many images) for the balanced plan, or --plan CSV")
     if args.plan != "balanced":
         _existing(args.plan, "--plan CSV")
-        if args.n is not None or args.pathologies or args.devices:
-            raise UsageError("--n, --pathologies and --devices are for the balanced plan; "
+        if args.n is not None or args.pathologies or args.devices or args.birads:
+            raise UsageError("--n, --pathologies, --devices and --birads are for the balanced plan; "
                              "a --plan CSV lists its rows itself")
     if args.adapter:
         _existing(args.adapter, "adapter folder", folder=True)
+    if args.birads or args.pathologies or args.devices or args.adapter:
+        _check_backbone_options(args, model)
     if args.cpsample is None and (args.cpsample_alpha is not None or args.cpsample_scale is not None):
         raise UsageError("--cpsample-alpha and --cpsample-scale need --cpsample CLASSIFIER")
     cond_fn = None
@@ -210,9 +214,21 @@ def _sample(args: argparse.Namespace) -> int:
                               guidance=args.guidance, sampler=args.sampler, seed=args.seed,
                               batch_size=args.batch_size, adapter=args.adapter,
                               pathologies=args.pathologies or PATHOLOGIES, devices=args.devices, cond_fn=cond_fn,
-                              speed=speed)
+                              speed=speed, birads=args.birads or BIRADS_CLASSES)
     print(manifest)
     return 0
+
+
+def _check_backbone_options(args: argparse.Namespace, model: Path) -> None:
+    """Refuse the options of the other backbone (BUSGen's pathology/device/adapter, CoLDiT's BI-RADS) by name."""
+    from busgen_lib.diffusion.checkpoint import backbone_of
+
+    backbone = backbone_of(model)
+    given = {"--birads": args.birads} if backbone == "unet" else \
+        {"--pathologies": args.pathologies, "--devices": args.devices, "--adapter": args.adapter}
+    wrong = [name for name, value in given.items() if value]
+    if wrong:
+        raise UsageError(f"{model} is a --backbone {backbone} model: {', '.join(wrong)} do not apply to it")
 
 
 def _clean(args: argparse.Namespace) -> int:
@@ -312,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box-mode", choices=["mask", "embedding", "both"],
                    help="box conditioning: box-mask channel (reference code), sinusoidal embedding (paper), or "
                         "both (default: the profile's)")
+    p.add_argument("--backbone", choices=["unet", "dit"], default="unet",
+                   help="unet: BUSGen's pixel UNet on pathology, device and boxes; dit: CoLDiT, an autoencoder then "
+                        "a latent diffusion transformer on BI-RADS 3/4a/4b/4c/5 (rows with other BI-RADS are left out)")
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("adapt", help="train a LoRA adapter on a frozen pretrained model (few-shot adaptation)")
@@ -338,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", nargs="+",
                    help="devices of the balanced plan, by the names the model was trained with "
                         "(default: all the model knows)")
+    p.add_argument("--birads", nargs="+", choices=BIRADS_CLASSES,
+                   help=f"CoLDiT models: BI-RADS categories of the balanced plan (default: {' '.join(BIRADS_CLASSES)}); "
+                        "a --plan CSV for them has a birads column")
     p.add_argument("--out", required=True,
                    help="output folder (images/, shards/, manifest.csv); a rerun with the same settings resumes")
     p.add_argument("--plan", default="balanced",

@@ -320,3 +320,55 @@ PROGNOSIS: dict[str, PrognosisSettings] = {
 def get_prognosis(profile: str) -> PrognosisSettings:
     """The prognosis study's sizes under `profile`."""
     return _lookup(PROGNOSIS, profile)
+
+
+# --------------------------------------------------------------------------- CoLDiT (latent DiT on BI-RADS, issue 13)
+# Read by diffusion/coldit.py (network) and diffusion/train.py (its two training stages). The source (a press
+# summary of the CoLDiT study) gives no sizes: "paper" is the DiT-B/2 of Peebles & Xie (12 layers, 12 heads x 64,
+# patch 2) over a 4-channel f=8 autoencoder at the profile's resolution, the usual latent-diffusion choice.
+
+@dataclass(frozen=True)
+class ColditSettings:
+    vae_channels: tuple[int, ...]     # AutoencoderKL block_out_channels; the DiT sees Profile.image_size / 2**(levels-1)
+    latent_channels: int
+    kl_weight: float                  # weight of the KL term in the autoencoder's loss
+    dit_layers: int
+    dit_heads: int
+    dit_head_dim: int
+    patch_size: int
+    norm_num_groups: int
+    vae_train: dict = field(default_factory=dict)  # TrainConfig overrides of the autoencoder stage
+    dit_train: dict = field(default_factory=dict)  # TrainConfig overrides of the DiT stage
+    guidance: float = 1.5             # classifier-free guidance weight w of eq. 2 when sampling
+
+
+COLDIT: dict[str, ColditSettings] = {
+    # 32 px → 8² x 4 latents, a 2-layer DiT: seconds on one core.
+    "smoke": ColditSettings(vae_channels=(16, 16, 32), latent_channels=4, kl_weight=1e-4,
+                            dit_layers=2, dit_heads=2, dit_head_dim=16, patch_size=2, norm_num_groups=8,
+                            vae_train=dict(steps=24, batch_size=8, learning_rate=2e-3, warmup_steps=4,
+                                           checkpoint_every=12, log_every=4),
+                            dit_train=dict(steps=24, batch_size=8, learning_rate=1e-3, warmup_steps=4,
+                                           checkpoint_every=12, log_every=4)),
+    # 64 px → 16² x 4 latents (f = 4), DiT of 6 layers x 4 heads x 32 on 8² patches of 2. NOT YET TUNED OR RUN:
+    # on the loaded 2-core machine one thread took 5.6 s per autoencoder step at (32, 64, 64) x batch 16, 2.6 s per
+    # DiT step (batch 32, encoding included) and 5.5 s per demo UNet step (batch 16), so notebook 09 under demo
+    # needs smaller numbers (or another budget rule for its UNet arm) to fit in 15 minutes.
+    "demo": ColditSettings(vae_channels=(32, 64, 64), latent_channels=4, kl_weight=1e-4,
+                           dit_layers=6, dit_heads=4, dit_head_dim=32, patch_size=2, norm_num_groups=16,
+                           vae_train=dict(steps=600, batch_size=16, learning_rate=1e-3, warmup_steps=30,
+                                          checkpoint_every=100),
+                           dit_train=dict(steps=1500, batch_size=32, learning_rate=5e-4, warmup_steps=50,
+                                          checkpoint_every=100)),
+    "paper": ColditSettings(vae_channels=(128, 256, 512, 512), latent_channels=4, kl_weight=1e-6,
+                            dit_layers=12, dit_heads=12, dit_head_dim=64, patch_size=2, norm_num_groups=32,
+                            vae_train=dict(steps=100_000, batch_size=32, learning_rate=1e-4, warmup_steps=1000,
+                                           checkpoint_every=5000, log_every=100),
+                            dit_train=dict(steps=400_000, batch_size=256, learning_rate=1e-4, warmup_steps=0,
+                                           checkpoint_every=5000, log_every=100)),
+}
+
+
+def get_coldit(profile: str, **overrides) -> ColditSettings:
+    """CoLDiT's sizes under `profile`."""
+    return _lookup(COLDIT, profile, **overrides)

@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 from busgen_lib.data.augment import AugmentConfig, augment, prepare
 from busgen_lib.data.manifest import not_a_regular_file, resolve
 from busgen_lib.data.pixels import unit_grayscale
-from busgen_lib.data.schema import PATHOLOGIES, parse_boxes
+from busgen_lib.data.schema import BIRADS_CLASSES, PATHOLOGIES, parse_boxes
 from busgen_lib.errors import DataError
 
 NULL_INDEX = 0  # the null token of every categorical condition (CFG's unconditional class)
 PATHOLOGY_INDEX: dict[str, int] = {p: i + 1 for i, p in enumerate(PATHOLOGIES)}
+BIRADS_INDEX: dict[str, int] = {b: i + 1 for i, b in enumerate(BIRADS_CLASSES)}  # CoLDiT's condition (0 = null)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -111,6 +112,7 @@ class BUSDataset(Dataset):
         device_vocab: Sequence[str] | None = None,
         augment_config: AugmentConfig | None = None,
         seed: int = 0,
+        birads: bool = False,
     ) -> None:
         root = root if root is not None else df.attrs.get("root")
         if root is None:
@@ -129,6 +131,8 @@ class BUSDataset(Dataset):
         self.epoch = 0
         self._pathology = [self._pathology_index(i, p) for i, p in enumerate(self.df["pathology"])]
         self._device = [self._device_index(i, d) for i, d in enumerate(self.df["device"])]
+        # With `birads`, items carry the BI-RADS class (CoLDiT's condition); every row must have one of BIRADS_CLASSES.
+        self._birads = [self._birads_index(i, b) for i, b in enumerate(self.df["birads"])] if birads else None
 
     def _pathology_index(self, row: int, name: object) -> int:
         try:
@@ -147,8 +151,19 @@ class BUSDataset(Dataset):
                             f"({', '.join(self.device_vocab) or 'none'}); use one of them or leave device empty")
         return self.device_vocab.index(str(name)) + 1
 
+    def _birads_index(self, row: int, value: object) -> int:
+        name = "" if _is_empty(value) else str(value).strip().lower()
+        if name not in BIRADS_INDEX:
+            raise DataError(f"{self._where(row)}: birads {value!r} is not one of the generated categories "
+                            f"{', '.join(BIRADS_CLASSES)}; keep only such rows to train a BI-RADS-conditioned model")
+        return BIRADS_INDEX[name]
+
     def _where(self, position: int) -> str:
         return f"row {self._manifest_rows[position]} ({self.df['image'][position]})"
+
+    def class_labels(self) -> list[str]:
+        """What class-balanced resampling balances: the BI-RADS class when items carry it, else the pathology."""
+        return self.df["birads" if self._birads is not None else "pathology"].astype(str).str.lower().tolist()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draw of this epoch (the same epoch always gives the same samples)."""
@@ -171,7 +186,7 @@ class BUSDataset(Dataset):
         padded = torch.zeros(self.max_boxes, 4)
         padded[: len(boxes)] = boxes
         valid = torch.arange(self.max_boxes) < len(boxes)
-        return {
+        item = {
             "image": image * 2.0 - 1.0,
             "pathology": torch.tensor(self._pathology[index], dtype=torch.int64),
             "device": torch.tensor(self._device[index], dtype=torch.int64),
@@ -180,6 +195,9 @@ class BUSDataset(Dataset):
             "box_mask": boxes_to_mask(boxes, self.image_size)[None],
             "index": index,
         }
+        if self._birads is not None:
+            item["birads"] = torch.tensor(self._birads[index], dtype=torch.int64)
+        return item
 
 
 # --------------------------------------------------------------------------- class-balanced resampling

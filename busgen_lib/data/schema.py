@@ -23,6 +23,12 @@ PATHOLOGIES: tuple[str, ...] = ("normal", "benign", "malignant")
 # "4" is category 4 without its a/b/c subdivision, as BUS-BRA and many reports give it.
 BIRADS: tuple[str, ...] = ("0", "1", "2", "3", "4", "4a", "4b", "4c", "5", "6")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# The BI-RADS categories a lesion image can be generated for (CoLDiT's classes): the assessments that lead to
+# follow-up or biopsy. Their ACR likelihood of malignancy (3: <= 2%, 4a: 2-10%, 4b: 10-50%, 4c: 50-95%,
+# 5: >= 95%) gives the pathology a generated image of the category is labelled with: the likelier one.
+BIRADS_CLASSES: tuple[str, ...] = ("3", "4a", "4b", "4c", "5")
+BIRADS_PATHOLOGY: dict[str, str] = {"3": "benign", "4a": "benign", "4b": "benign", "4c": "malignant",
+                                    "5": "malignant"}
 
 # Optional flag column: 1 on a benign/malignant image whose lesion has no box
 # (classification-only labels, or a mask that could not be aligned). Validation

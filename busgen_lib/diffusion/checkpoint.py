@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
+from busgen_lib.diffusion.coldit import CoLDiT
 from busgen_lib.diffusion.model import BUSGenUNet
 from busgen_lib.errors import DataError
 
@@ -73,7 +74,7 @@ def atomic_folder(final: str | Path) -> Iterator[Path]:
 
 # --------------------------------------------------------------------------- model folders
 
-def save_model(model: BUSGenUNet, out: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+def save_model(model: ModelMixin, out: str | Path, extra_files: dict[str, str] | None = None) -> Path:
     """Write a model folder atomically; `extra_files` maps file names to text (e.g. the box prior)."""
     with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
@@ -121,18 +122,47 @@ def load_pretrained(cls: type[ModelMixin], folder: str | Path, what: str, advice
     return model
 
 
-def load_model(folder: str | Path, profile: str | None = None, map_location: str = "cpu") -> BUSGenUNet:
-    """`BUSGenUNet.from_pretrained(folder)`, with the model folder's problems as DataErrors that say what to do.
+BACKBONE_CLASSES: dict[str, type[ModelMixin]] = {"unet": BUSGenUNet, "dit": CoLDiT}  # --backbone → network
 
-    Refuses, naming the difference, a folder written for another profile than
-    `profile` (when given), a missing or damaged weights file, or weights that
-    do not fit the stored architecture.
+
+def backbone_of(folder: str | Path) -> str:
+    """The backbone a model folder records: diffusers writes the network's class name into its config.json."""
+    name = read_config(folder).get("_class_name")
+    for backbone, cls in BACKBONE_CLASSES.items():
+        if cls.__name__ == name:
+            return backbone
+    raise DataError(f"{Path(folder) / CONFIG_FILE}: a {name!r} model, not one of busgen's backbones "
+                    f"({', '.join(f'{c.__name__} ({b})' for b, c in BACKBONE_CLASSES.items())}); is this {MODEL_FOLDER}?")
+
+
+def load_generator(folder: str | Path, profile: str | None = None, backbone: str | None = None,
+                   map_location: str = "cpu") -> ModelMixin:
+    """The model in `folder`, of the backbone it records, or (with `backbone`) only of that one.
+
+    Refuses, naming the difference, a folder of another backbone than asked for,
+    one written for another profile than `profile` (when given), a missing or
+    damaged weights file, or weights that do not fit the stored architecture.
     """
+    found = backbone_of(folder)
+    if backbone is not None and found != backbone:
+        raise DataError(f"{folder}: holds a {BACKBONE_CLASSES[found].__name__} model (backbone {found}), but this "
+                        f"needs a {BACKBONE_CLASSES[backbone].__name__} (backbone {backbone}); pass a model folder of "
+                        f"`pretrain --backbone {backbone}`")
     config = read_config(folder)
     if profile is not None and config.get("profile") != profile:
         raise DataError(f"{folder}: model was trained under profile {config.get('profile')!r} "
                         f"({config.get('image_size')} px), not {profile!r}")
-    return load_pretrained(BUSGenUNet, folder, MODEL_FOLDER, "copy it again or retrain").to(map_location)
+    return load_pretrained(BACKBONE_CLASSES[found], folder, MODEL_FOLDER, "copy it again or retrain").to(map_location)
+
+
+def load_model(folder: str | Path, profile: str | None = None, map_location: str = "cpu") -> BUSGenUNet:
+    """The BUSGen UNet of a model folder (`load_generator` with backbone unet): LoRA, CPSample and cleaning need it."""
+    return load_generator(folder, profile, "unet", map_location)
+
+
+def load_coldit(folder: str | Path, profile: str | None = None, map_location: str = "cpu") -> CoLDiT:
+    """The CoLDiT of a model folder (`load_generator` with backbone dit)."""
+    return load_generator(folder, profile, "dit", map_location)
 
 
 # --------------------------------------------------------------------------- training checkpoints

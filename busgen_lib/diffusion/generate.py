@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from busgen_lib.data.manifest import write_manifest
-from busgen_lib.data.schema import COLUMNS, format_boxes
+from busgen_lib.data.schema import BOXES_MISSING, COLUMNS, format_boxes
 from busgen_lib.diffusion.plan import Request
 from busgen_lib.errors import DataError, UsageError
 
@@ -127,8 +127,10 @@ def _manifest_row(request: Request, image: str, generator: str) -> dict:
     name = f"gen-{request.index}"
     row = dict.fromkeys(COLUMNS, "")
     row.update(image=image, patient_id=name, exam_id=name, lesion_id=name if request.boxes else "", view="0",
-               split="train", pathology=request.pathology, device=request.device,
+               split="train", pathology=request.pathology, birads=request.birads, device=request.device,
                boxes=format_boxes(request.boxes), index=request.index, seed=request.seed, generator=generator)
+    if request.birads:  # CoLDiT's lesions come without a box: flagged, as the schema asks of such lesion rows
+        row[BOXES_MISSING] = "1"
     return row
 
 
@@ -136,7 +138,8 @@ def _append_rows(part: Path, rows: list[dict]) -> None:
     """Append rows to a shard part and flush them to disk: a batch counts as done only once listed."""
     header = not part.exists() or part.stat().st_size == 0
     with part.open("a", newline="") as f:
-        pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS]).to_csv(f, header=header, index=False)
+        flag = (BOXES_MISSING,) if BOXES_MISSING in rows[0] else ()  # one kind of request per folder
+        pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS, *flag]).to_csv(f, header=header, index=False)
         f.flush()
         os.fsync(f.fileno())
 
@@ -217,7 +220,7 @@ def _check_same_plan(stored: list[Request], plan: Sequence[Request], path: Path)
         raise UsageError(f"{path} holds a plan of {len(stored)} requests but {len(plan)} were given; {advice}")
     for old, new in zip(stored, plan):
         old_json, new_json = old.to_json(), new.to_json()  # JSON form: boxes as lists either way
-        for field in ("seed", "pathology", "device", "boxes"):
+        for field in ("seed", "pathology", "device", "boxes", "birads"):
             if old_json[field] != new_json[field]:
                 raise UsageError(f"{path}: request {old.index} differs in {field!r} (stored "
                                  f"{old_json[field]!r}, given {new_json[field]!r}); {advice}")

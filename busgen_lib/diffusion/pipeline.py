@@ -16,23 +16,27 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from busgen_lib.data.dataset import boxes_to_mask
-from busgen_lib.data.schema import PATHOLOGIES
+from busgen_lib.data.dataset import BIRADS_INDEX, boxes_to_mask
+from busgen_lib.data.schema import BIRADS_CLASSES, PATHOLOGIES
 from busgen_lib.diffusion.box_prior import BoxPrior
-from busgen_lib.diffusion.checkpoint import WEIGHTS_FILE, file_fingerprint, load_model
+from busgen_lib.diffusion.checkpoint import WEIGHTS_FILE, file_fingerprint, load_generator
+from busgen_lib.diffusion.coldit import CoLDiT
 from busgen_lib.diffusion.generate import generate_distributed
 from busgen_lib.diffusion.lora import ADAPTER_WEIGHTS_FILE, load_adapted_model
 from busgen_lib.diffusion.model import SAMPLING_DEFAULTS, BUSGenUNet
-from busgen_lib.diffusion.plan import Request, balanced_plan, explicit_plan
+from busgen_lib.diffusion.plan import Request, balanced_plan, birads_plan, explicit_birads_plan, explicit_plan
 from busgen_lib.diffusion.sample import SAMPLERS, CondFn, sample
 from busgen_lib.diffusion.speed import FP32, Speed
 from busgen_lib.diffusion.train import BOX_PRIOR_FILE
+from busgen_lib.profiles import get_coldit
 from busgen_lib.errors import DataError, UsageError
 
 
-def requests_to_cond(requests: Sequence[Request], model: BUSGenUNet, device: torch.device | str = "cpu"
+def requests_to_cond(requests: Sequence[Request], model: BUSGenUNet | CoLDiT, device: torch.device | str = "cpu"
                      ) -> dict[str, torch.Tensor]:
-    """Condition tensors for a batch of requests, indexed as the training data was (0 = null)."""
+    """Condition tensors for a batch of requests, indexed as the training data was (0 = null); a CoLDiT's: BI-RADS."""
+    if isinstance(model, CoLDiT):
+        return {"birads": torch.tensor([BIRADS_INDEX[r.birads] for r in requests], device=device)}
     config = model.config
     pathology = torch.tensor([PATHOLOGIES.index(r.pathology) + 1 for r in requests])
     devices = torch.tensor([config.device_names.index(r.device) + 1 if r.device else 0 for r in requests])
@@ -90,7 +94,8 @@ def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str 
                    steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
                    order: int | None = None, seed: int = 0, batch_size: int = 16,
                    pathologies: Sequence[str] = PATHOLOGIES, devices: Sequence[str] | None = None,
-                   cond_fn: CondFn | None = None, adapter: str | Path | None = None, speed: Speed = FP32) -> Path:
+                   cond_fn: CondFn | None = None, adapter: str | Path | None = None, speed: Speed = FP32,
+                   birads: Sequence[str] = BIRADS_CLASSES) -> Path:
     """Generate `n` images (or the rows of an explicit plan CSV) into `out`; returns the merged manifest.
 
     With `adapter`, the LoRA adapter is merged into the model first and its own
@@ -104,23 +109,20 @@ def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str 
     `accelerate launch` each process writes its own shard.
     """
     model_dir = Path(model_dir)
-    model = load_model(model_dir) if adapter is None else load_adapted_model(model_dir, adapter)
+    model = load_generator(model_dir) if adapter is None else load_adapted_model(model_dir, adapter)
     defaults = SAMPLING_DEFAULTS[model.config.profile]
+    latent = isinstance(model, CoLDiT)
+    default_guidance = get_coldit(model.config.profile).guidance if latent else defaults.guidance
     sampling = {"sampler": sampler or defaults.sampler, "steps": defaults.steps if steps is None else steps,
-                "order": order or defaults.order, "guidance": defaults.guidance if guidance is None else guidance}
+                "order": order or defaults.order, "guidance": default_guidance if guidance is None else guidance}
     _check_sampling(sampling, batch_size, seed)
-    prior = BoxPrior.load(Path(adapter or model_dir) / BOX_PRIOR_FILE)
-    known = model.config.device_names
-    if str(plan) == "balanced":
-        requests = balanced_plan(n, pathologies, devices or known or ("",), prior, seed,
-                                 known_devices=(*known, ""))
+    if latent and cond_fn is not None:
+        raise UsageError(f"{model_dir}: a CoLDiT samples latents; CPSample's classifier guides pixels of a BUSGen "
+                         "UNet, so it cannot steer this model")
+    if latent:  # BI-RADS requests, balanced over `birads` or from a CSV with a birads column
+        requests = birads_plan(n, birads, seed) if str(plan) == "balanced" else explicit_birads_plan(plan, seed)
     else:
-        requests = explicit_plan(plan, devices=(*known, ""), seed=seed, box_prior=prior)
-        crowded = [r for r in requests if len(r.boxes) > model.config.max_boxes]
-        if crowded:
-            raise DataError(f"{plan}: row {crowded[0].index + 1}, boxes: {len(crowded[0].boxes)} boxes, but the model "
-                            f"takes at most {model.config.max_boxes} per image ({len(crowded)} such row(s)); "
-                            "keep the largest ones")
+        requests = _unet_plan(model, Path(adapter or model_dir), plan, n, seed, pathologies, devices)
     settings = {"model": file_fingerprint(model_dir / WEIGHTS_FILE),
                 "adapter": None if adapter is None else file_fingerprint(Path(adapter) / ADAPTER_WEIGHTS_FILE),
                 **sampling, "seed": seed, "cond_fn": _describe(cond_fn), **speed.settings()}
@@ -155,3 +157,19 @@ def _describe(cond_fn: CondFn | None) -> dict | None:
     if hasattr(cond_fn, "settings"):
         return cond_fn.settings()
     return {"type": f"{type(cond_fn).__module__}.{type(cond_fn).__qualname__}"}
+
+
+def _unet_plan(model: BUSGenUNet, prior_dir: Path, plan: str | Path, n: int, seed: int,
+               pathologies: Sequence[str], devices: Sequence[str] | None) -> list[Request]:
+    """BUSGen's requests: balanced over pathology x device with boxes from the box prior, or a plan CSV's rows."""
+    prior = BoxPrior.load(prior_dir / BOX_PRIOR_FILE)
+    known = model.config.device_names
+    if str(plan) == "balanced":
+        return balanced_plan(n, pathologies, devices or known or ("",), prior, seed, known_devices=(*known, ""))
+    requests = explicit_plan(plan, devices=(*known, ""), seed=seed, box_prior=prior)
+    crowded = [r for r in requests if len(r.boxes) > model.config.max_boxes]
+    if crowded:
+        raise DataError(f"{plan}: row {crowded[0].index + 1}, boxes: {len(crowded[0].boxes)} boxes, but the model "
+                        f"takes at most {model.config.max_boxes} per image ({len(crowded)} such row(s)); "
+                        "keep the largest ones")
+    return requests

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from busgen_lib.data.dataset import derive_seed
-from busgen_lib.data.schema import PATHOLOGIES, Box, box_problem, parse_boxes
+from busgen_lib.data.schema import BIRADS_CLASSES, BIRADS_PATHOLOGY, PATHOLOGIES, Box, box_problem, parse_boxes
 from busgen_lib.diffusion.box_prior import BoxPrior
 from busgen_lib.errors import DataError, UsageError
 
@@ -38,15 +38,16 @@ class Request:
     pathology: str
     device: str
     boxes: list[Box]
+    birads: str = ""  # the BI-RADS category a CoLDiT request asks for (BUSGen's requests leave it empty)
 
     def to_json(self) -> dict:
         return {"index": self.index, "seed": self.seed, "pathology": self.pathology,
-                "device": self.device, "boxes": [list(box) for box in self.boxes]}
+                "device": self.device, "boxes": [list(box) for box in self.boxes], "birads": self.birads}
 
     @classmethod
     def from_json(cls, data: dict) -> Request:
         return cls(int(data["index"]), int(data["seed"]), str(data["pathology"]), str(data["device"]),
-                   [tuple(float(v) for v in box) for box in data["boxes"]])
+                   [tuple(float(v) for v in box) for box in data["boxes"]], str(data.get("birads", "")))
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -158,6 +159,44 @@ def _prior_boxes(box_prior: BoxPrior | None, pathology: str, seed: int, index: i
     if pathology == "normal":
         return []
     return box_prior.sample(pathology, 1, np.random.default_rng([seed, index, BOX_STREAM]))[0]
+
+
+def birads_plan(n: int, categories: Sequence[str] = BIRADS_CLASSES, seed: int = 0) -> list[Request]:
+    """`n` CoLDiT requests cycling through the BI-RADS `categories` (every prefix balanced), seed per index.
+
+    Each is labelled with its category's likelier pathology (schema.BIRADS_PATHOLOGY); CoLDiT places no boxes.
+    """
+    if n < 1 or seed < 0:
+        raise UsageError(f"a BI-RADS plan needs --n >= 1 images and --seed >= 0, got n={n}, seed={seed}")
+    _check_choices("BI-RADS categories", categories, BIRADS_CLASSES)
+    return [Request(i, request_seed(seed, i), BIRADS_PATHOLOGY[b], "", [], b)
+            for i, b in ((i, categories[i % len(categories)]) for i in range(n))]
+
+
+def explicit_birads_plan(path: str | Path, seed: int = 0) -> list[Request]:
+    """CoLDiT requests from a CSV with a `birads` column (one of BIRADS_CLASSES per row) and optionally `seed`."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the plan table ({err}); it is a CSV with a birads column") from None
+    if "birads" not in df.columns or df.empty:
+        raise DataError(f"{path}: a CoLDiT plan lists one request per row in a birads column "
+                        f"(found columns: {', '.join(map(str, df.columns)) or 'none'}, {len(df)} rows)")
+    problems, requests = [], []
+    for i in range(len(df)):
+        birads = df["birads"].iloc[i].strip().lower()
+        if birads not in BIRADS_CLASSES:
+            problems.append(f"row {i + 1}, birads: {df['birads'].iloc[i]!r} is not one of {', '.join(BIRADS_CLASSES)}")
+            continue
+        try:
+            own = _row_seed(df["seed"].iloc[i]) if "seed" in df.columns else None
+        except ValueError:
+            problems.append(f"row {i + 1}, seed: {df['seed'].iloc[i]!r} is not a non-negative integer")
+            continue
+        requests.append(Request(i, own if own is not None else request_seed(seed, i), BIRADS_PATHOLOGY[birads],
+                                "", [], birads))
+    _raise_problems(str(path), problems)
+    return requests
 
 
 # --------------------------------------------------------------------------- explicit plans

@@ -42,11 +42,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from tqdm.auto import tqdm
 
-from busgen_lib.diffusion.schedule import ScheduleConfig, ddpm_scheduler
+from busgen_lib.diffusion.schedule import UNET_CONDITIONS, ScheduleConfig, ddpm_scheduler
 from busgen_lib.diffusion.speed import FP32, Speed
 
 SAMPLERS = ("dpmsolver++-singlestep", "dpmsolver++", "unipc", "ddim", "ddpm")
-COND_KEYS = ("pathology", "device", "boxes", "box_valid", "box_mask")
+COND_KEYS = UNET_CONDITIONS  # a model's `condition_keys`, where it has them, name its own
 
 CondFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | list[torch.Generator] | None
@@ -67,7 +67,8 @@ def sample(
     progress: bool = True,
     speed: Speed = FP32,
 ) -> torch.Tensor:
-    """Draw one image per row of `cond` (pathology, device, boxes, box_valid, optional box_mask) → (B, 1, S, S).
+    """Draw one image per row of `cond` (pathology, device, boxes, box_valid, optional box_mask; for CoLDiT:
+    birads) → (B, 1, S, S).
 
     The loop is the algorithm of the module docstring. The network runs under
     `inference_mode` and `speed`'s autocast (pass a model prepared with
@@ -76,9 +77,14 @@ def sample(
     belongs to a sample rather than to a batch, pass `seeds` (one per sample) or
     a list of generators. The model runs in eval mode (no condition dropout) and is restored after.
     """
-    generator = _generators(generator, seeds, batch=cond["pathology"].shape[0])
+    keys = getattr(model, "condition_keys", COND_KEYS)
+    batch = cond[keys[0]].shape[0]
+    generator = _generators(generator, seeds, batch=batch)
     size = model.config.image_size
-    device = cond["pathology"].device
+    # A latent model (CoLDiT) is diffused in its latents and decoded at the end; x̂_0 is clipped in pixels only.
+    decode = getattr(model, "decode", None)
+    shape = model.latent_shape if decode is not None else (1, size, size)
+    device = cond[keys[0]].device
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     solver = make_scheduler(model.config, sampler, steps, order)
     alpha_bar = solver.alphas_cumprod.to(device)
@@ -87,7 +93,7 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        x = randn_tensor((cond["pathology"].shape[0], 1, size, size), generator=generator, device=device, dtype=dtype)
+        x = randn_tensor((batch, *shape), generator=generator, device=device, dtype=dtype)
         for t in tqdm(solver.timesteps, desc=f"{sampler} sampling", disable=not progress):
             with torch.inference_mode(), speed.autocast(device):
                 eps = cfg_eps(model, speed.layout(x), t, cond, guidance)           # eq. 2
@@ -95,9 +101,12 @@ def sample(
             if cond_fn is not None:
                 eps = eps + cond_fn(x, t, eps)                                     # e.g. CPSample
             x0 = (x - (1 - alpha_bar[t]).sqrt() * eps) / alpha_bar[t].sqrt()       # x̂_0 that ε̃ implies
-            if clip_x0:
+            if clip_x0 and decode is None:
                 x0 = x0.clamp(-1.0, 1.0)
             x = solver.step(x0.to(x.dtype), t, x, **noise).prev_sample  # x_t → x_t'
+        if decode is not None:
+            with torch.inference_mode(), speed.autocast(device):
+                x = decode(x).to(dtype)
     finally:
         model.train(was_training)
     return x.clamp(-1.0, 1.0) if clip_x0 else x
@@ -116,7 +125,7 @@ def cfg_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor | int, cond: Mapp
     """
     batch = x.shape[0]
     t = torch.as_tensor(t, device=x.device).expand(batch)
-    cond = {k: cond[k] for k in COND_KEYS if cond.get(k) is not None}
+    cond = {k: cond[k] for k in getattr(model, "condition_keys", COND_KEYS) if cond.get(k) is not None}
     if w == 0:
         return model(x, t, **cond).to(x.dtype)
     doubled = {k: torch.cat((v, v)) for k, v in cond.items()}

@@ -7,12 +7,16 @@ scheduler) share one set of β's. Reference: T = 500, β linear in [1e-4, 0.028]
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
+
+
+UNET_CONDITIONS = ("pathology", "device", "boxes", "box_valid", "box_mask")  # BUSGen's; CoLDiT's: ("birads",)
 
 
 class ScheduleConfig(Protocol):
@@ -47,6 +51,8 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     scheduler: DDPMScheduler | None = None,
     offset_noise: float = 0.0,
+    conditions: Sequence[str] = UNET_CONDITIONS,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Eq. 1: L = E_{x, ε, t} ‖ε − ε_θ(x_t, t, c)‖², t uniform over the T training steps, ε ~ N(0, I).
 
@@ -63,9 +69,12 @@ def diffusion_loss(
     starts from pure noise, where nothing is there to read, and every device
     comes out with the same grey level. The offset hides the mean for most of
     the schedule, so gain and dynamic range have to come from the device label.
+
+    `conditions` names the batch fields the network takes (by keyword); `encode`
+    maps images to the space diffused in (a latent model's frozen encoder, CoLDiT).
     """
     scheduler = scheduler or ddpm_scheduler(model.config)
-    x0 = batch["image"]
+    x0 = batch["image"] if encode is None else encode(batch["image"])
     draw_device = generator.device if generator is not None else x0.device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator,
                       device=draw_device).to(x0.device)
@@ -75,6 +84,5 @@ def diffusion_loss(
                                                    dtype=x0.dtype)
     noise = noise.to(x0.device)
     x_t = q_sample(scheduler, x0, t, noise)
-    eps = model(x_t, t, batch["pathology"], batch["device"], batch.get("boxes"), batch.get("box_valid"),
-                batch.get("box_mask"))
+    eps = model(x_t, t, **{k: batch.get(k) for k in conditions})
     return F.mse_loss(eps.float(), noise.float())

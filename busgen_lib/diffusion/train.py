@@ -13,6 +13,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,20 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from busgen_lib.data.augment import get_augmentation
-from busgen_lib.data.dataset import BUSDataset, ClassBalancedSampler, derive_seed
+from busgen_lib.data.dataset import BUSDataset, ClassBalancedSampler, derive_seed, load_images
 from busgen_lib.data.manifest import read_manifest
+from busgen_lib.data.schema import BIRADS_CLASSES
 from busgen_lib.diffusion.box_prior import BoxPrior
-from busgen_lib.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from busgen_lib.diffusion.checkpoint import (latest_checkpoint, load_checkpoint, load_coldit, save_checkpoint,
+                                             save_model)
+from busgen_lib.diffusion.coldit import build_coldit, set_latent_scale, vae_loss
 from busgen_lib.diffusion.model import BUSGenUNet, config_for_profile, model_settings
-from busgen_lib.diffusion.schedule import ddpm_scheduler, diffusion_loss
+from busgen_lib.diffusion.schedule import UNET_CONDITIONS, ddpm_scheduler, diffusion_loss
 from busgen_lib.errors import DataError, UsageError
-from busgen_lib.profiles import PRETRAIN, get_profile
+from busgen_lib.profiles import PRETRAIN, get_coldit, get_profile
+
+BACKBONES = ("unet", "dit")  # BUSGen's pixel UNet, CoLDiT's latent DiT
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
 
 BOX_PRIOR_FILE = "box_prior.json"
 
@@ -119,7 +126,7 @@ def epoch_batches(dataset: BUSDataset, epoch: int, config: TrainConfig) -> list[
     """The global batches of one epoch: class-balanced (or plain shuffled) indices cut into full batches."""
     n = max(len(dataset), config.batch_size)
     if config.balanced:
-        order = list(ClassBalancedSampler(dataset.df["pathology"].astype(str).tolist(), num_samples=n,
+        order = list(ClassBalancedSampler(dataset.class_labels(), num_samples=n,
                                           seed=config.seed, epoch=epoch))
     else:
         g = torch.Generator().manual_seed(derive_seed(config.seed, epoch))
@@ -199,7 +206,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def train_dataset(df: pd.DataFrame, profile: str, config: TrainConfig, device_vocab: tuple[str, ...] | None = None,
-                  source: str | Path = "manifest") -> tuple[BUSDataset, pd.DataFrame]:
+                  source: str | Path = "manifest", birads: bool = False) -> tuple[BUSDataset, pd.DataFrame]:
     """The augmented training dataset of a manifest's `train` split (pretraining and adaptation alike)."""
     train_df = df[df["split"] == "train"]
     if train_df.empty:
@@ -208,17 +215,29 @@ def train_dataset(df: pd.DataFrame, profile: str, config: TrainConfig, device_vo
     prof = get_profile(profile)
     dataset = BUSDataset(train_df, root=df.attrs["root"], image_size=prof.image_size, train=True,
                          max_boxes=prof.max_boxes, seed=config.seed, device_vocab=device_vocab,
-                         augment_config=get_augmentation(config.augment))
+                         augment_config=get_augmentation(config.augment), birads=birads)
     return dataset, train_df
 
 
-def fit(model: BUSGenUNet, dataset: BUSDataset, config: TrainConfig, out: Path, accelerator: Accelerator, *,
-        resume: bool, progress: bool = True, desc: str = "pretrain") -> BUSGenUNet:
-    """The optimisation loop shared by pretraining and LoRA adaptation; returns the unwrapped trained network.
+def diffusion_objective(net: torch.nn.Module) -> LossFn:
+    """Eq. 1 for `net`: in pixels (BUSGen) or in its latents (CoLDiT, which has `encode_latents`)."""
+    scheduler = ddpm_scheduler(net.config)
+    conditions = getattr(net, "condition_keys", UNET_CONDITIONS)
+    encode = getattr(net, "encode_latents", None)
+    return lambda model, batch: diffusion_loss(model, batch, scheduler=scheduler, offset_noise=net.config.offset_noise,
+                                               conditions=conditions, encode=encode)
+
+
+def fit(model: torch.nn.Module, dataset: BUSDataset, config: TrainConfig, out: Path, accelerator: Accelerator, *,
+        resume: bool, progress: bool = True, desc: str = "pretrain", loss_fn: LossFn | None = None
+        ) -> torch.nn.Module:
+    """The optimisation loop shared by pretraining, LoRA adaptation and CoLDiT's two stages; returns the unwrapped
+    trained network.
 
     Only parameters with `requires_grad` are optimised (all of them when
-    pretraining, the adapters when adapting). `out` receives `checkpoints/`,
-    `loss.csv` and one `replica-<rank>.sha256` per process.
+    pretraining, the adapters when adapting, the autoencoder then the DiT for
+    CoLDiT). `loss_fn(model, batch)` defaults to eq. 1 (`diffusion_objective`).
+    `out` receives `checkpoints/`, `loss.csv` and one `replica-<rank>.sha256` per process.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -237,7 +256,7 @@ def fit(model: BUSGenUNet, dataset: BUSDataset, config: TrainConfig, out: Path, 
     if ema is not None:
         ema.to(accelerator.device)  # load_state restores registered objects on the CPU
     step = counter.step
-    noise_schedule = ddpm_scheduler(net.config)
+    loss_fn = loss_fn or diffusion_objective(net)
     out.mkdir(parents=True, exist_ok=True)
     log = LossLog(out, step) if accelerator.is_main_process else None
     workers = get_profile(net.config.profile).num_workers
@@ -254,7 +273,7 @@ def fit(model: BUSGenUNet, dataset: BUSDataset, config: TrainConfig, out: Path, 
             torch.manual_seed(derive_seed(config.seed, step, rank))  # noise, t and condition dropout of this step
             model.train()
             with accelerator.autocast():
-                loss = diffusion_loss(model, batch, scheduler=noise_schedule, offset_noise=net.config.offset_noise)
+                loss = loss_fn(model, batch)
             accelerator.backward(loss)
             if config.grad_clip:
                 accelerator.clip_grad_norm_(trainable, config.grad_clip)
@@ -297,13 +316,19 @@ def refuse_overwrite(out: Path, resume: bool) -> None:
 
 def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: bool = False,
              train_overrides: dict[str, Any] | None = None, model_overrides: dict[str, Any] | None = None,
-             progress: bool = True) -> Path:
-    """Train a BUSGen model on the manifest's `train` split; returns the model folder `out/model`.
+             progress: bool = True, backbone: str = "unet") -> Path:
+    """Train a BUSGen model (or with backbone "dit" a CoLDiT) on the manifest's `train` split; returns the model
+    folder `out/model`.
 
     `out` also holds `checkpoints/` (every `checkpoint_every` steps, atomic),
     `loss.csv`, and one `replica-<rank>.sha256` per process (identical under
     data parallelism). A second call without `resume` refuses to overwrite.
     """
+    if backbone not in BACKBONES:
+        raise UsageError(f"unknown --backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if backbone == "dit":
+        return pretrain_coldit(manifest, profile, out, resume=resume, train_overrides=train_overrides,
+                               model_overrides=model_overrides, progress=progress)
     config = train_config(profile, **(train_overrides or {}))
     out = Path(out)
     refuse_overwrite(out, resume)
@@ -324,5 +349,65 @@ def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: boo
     net = fit(model, dataset, config, out, accelerator, resume=resume, progress=progress)
     if accelerator.is_main_process:
         save_model(net, model_dir, extra_files={BOX_PRIOR_FILE: json.dumps(prior.to_json())})
+    accelerator.wait_for_everyone()
+    return model_dir
+
+
+# --------------------------------------------------------------------------- CoLDiT: the same loop, two stages
+
+SCALE_IMAGES = 256  # training images whose latents set CoLDiT's latent scale
+
+
+def birads_rows(df: pd.DataFrame, source: str | Path) -> pd.DataFrame:
+    """The rows CoLDiT learns from: those with one of the generated BI-RADS categories (3, 4a, 4b, 4c, 5)."""
+    keep = df["birads"].astype(str).str.strip().str.lower().isin(BIRADS_CLASSES)
+    if not (keep & (df["split"] == "train")).any():
+        found = df.loc[df["split"] == "train", "birads"].astype(str).value_counts().to_dict()
+        raise DataError(f"{source}: no train rows with birads {', '.join(BIRADS_CLASSES)} (train rows' birads: "
+                        f"{found}); CoLDiT is conditioned on BI-RADS, so it needs lesion images with these categories")
+    return df[keep]
+
+
+def pretrain_coldit(manifest: str | Path, profile: str, out: str | Path, *, resume: bool = False,
+                    train_overrides: dict[str, Any] | None = None, model_overrides: dict[str, Any] | None = None,
+                    progress: bool = True) -> Path:
+    """CoLDiT in two stages through `fit`: the autoencoder into `out/vae/` (its model: `out/vae/model`), then the
+    DiT over its frozen latents into `out/` (the model: `out/model`). Both stages resume exactly; `train_overrides`
+    (e.g. --steps) apply to both."""
+    settings = get_coldit(profile)
+    vae_config = train_config(profile, **{**settings.vae_train, **(train_overrides or {})})
+    dit_config = train_config(profile, **{**settings.dit_train, **(train_overrides or {})})
+    out = Path(out)
+    refuse_overwrite(out, resume)
+    make_accelerator(vae_config)  # refuses a batch size the processes cannot share, before any work
+    df = birads_rows(read_manifest(manifest), manifest)
+    torch.manual_seed(dit_config.seed)  # identical initial weights on every process
+    model = build_coldit(profile, **(model_overrides or {}))
+    accelerator = make_accelerator(dit_config)
+    check_run_settings(out, {"command": "pretrain", "backbone": "dit", "profile": profile,
+                             "manifest": file_digest(manifest), **asdict(dit_config),
+                             **{f"vae.{k}": v for k, v in asdict(vae_config).items()},
+                             **{f"model.{k}": v for k, v in model_settings(model).items()}}, resume,
+                       write=accelerator.is_main_process)
+    model_dir, vae_dir = out / "model", out / "vae"
+    if resume and finished(out, dit_config.steps) and (model_dir / CONFIG_NAME).exists():
+        return model_dir
+    if not (resume and finished(vae_dir, vae_config.steps) and (vae_dir / "model" / CONFIG_NAME).exists()):
+        dataset, train_df = train_dataset(df, profile, vae_config, source=manifest, birads=True)
+        model.dit.requires_grad_(False)
+        accelerator.wait_for_everyone()
+        net = fit(model, dataset, vae_config, vae_dir, make_accelerator(vae_config), resume=resume,
+                  progress=progress, desc="coldit autoencoder",
+                  loss_fn=lambda m, batch: vae_loss(m, batch, model.config.kl_weight))
+        set_latent_scale(net, load_images(train_df.head(SCALE_IMAGES), net.config.image_size))
+        if accelerator.is_main_process:
+            save_model(net, vae_dir / "model")
+    accelerator.wait_for_everyone()
+    model = load_coldit(vae_dir / "model", profile)
+    model.vae.requires_grad_(False)
+    dataset, _ = train_dataset(df, profile, dit_config, source=manifest, birads=True)
+    net = fit(model, dataset, dit_config, out, accelerator, resume=resume, progress=progress, desc="coldit DiT")
+    if accelerator.is_main_process:
+        save_model(net, model_dir)
     accelerator.wait_for_everyone()
     return model_dir

@@ -1,0 +1,160 @@
+"""The CoLDiT study on one manifest with BI-RADS (notebook 09): autoencoder fidelity, BI-RADS control, the
+replacement experiment, and CoLDiT beside BUSGen's pixel UNet at the same data and training budget.
+
+Joins `diffusion.train.pretrain` (both backbones, one loop), `diffusion.pipeline` (sampling into manifests),
+`experiments.realism.realism_study` (privacy and realism, as notebook 04 measures BUSGen), `evaluate.probes`
+(the small real-data classifiers that stand in for the study's radiologists and its BI-RADS model) and
+`evaluate.stats` (Wilson and DeLong CIs, DeLong's test).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from busgen_lib.data.dataset import load_images
+from busgen_lib.data.manifest import read_manifest, write_manifest
+from busgen_lib.data.schema import BIRADS_CLASSES, BIRADS_PATHOLOGY
+from busgen_lib.diffusion import pipeline
+from busgen_lib.diffusion.checkpoint import load_coldit, load_generator
+from busgen_lib.diffusion.generate import read_plan
+from busgen_lib.diffusion.train import birads_rows
+from busgen_lib.evaluate.probes import Probe, train_classifier
+from busgen_lib.evaluate.stats import bootstrap_ci, delong_ci, delong_test, proportion_ci
+from busgen_lib.profiles import PRETRAIN, get_coldit
+
+HIGH = ("4c", "5")  # the replacement experiment's positive class: malignancy more likely than not (ACR)
+REAL, HALF = "real", "half real + half CoLDiT"
+SSIM_BORDER = 5  # half of SSIM's 11-px Gaussian window (σ = 1.5)
+
+
+def birads_manifest(manifest: str | Path, out: str | Path) -> Path:
+    """The rows of the five generated BI-RADS categories, all splits (CoLDiT's data, and the UNet's beside it)."""
+    return write_manifest(birads_rows(read_manifest(manifest), manifest), Path(out) / "manifest.csv")
+
+
+def matched_unet_steps(profile: str) -> int:
+    """UNet steps that see as many training images as CoLDiT's two stages together (the same training budget)."""
+    s, unet_batch = get_coldit(profile), PRETRAIN[profile]["batch_size"]
+    seen = s.vae_train["steps"] * s.vae_train["batch_size"] + s.dit_train["steps"] * s.dit_train["batch_size"]
+    return max(1, round(seen / unet_batch))
+
+
+# --------------------------------------------------------------------------- the autoencoder
+
+def reconstruction(model_dir: str | Path, manifest: str | Path, split: str = "test", n_boot: int = 1000
+                   ) -> pd.DataFrame:
+    """PSNR (dB) and SSIM of E→D reconstructions of the `split` images (unseen by the autoencoder), with
+    bootstrap CIs of the mean; images in [0, 1] (torchmetrics)."""
+    model = load_coldit(model_dir).eval()
+    df = read_manifest(manifest)
+    rows = df[df["split"] == split]
+    x = load_images(rows, model.config.image_size)
+    with torch.no_grad():
+        recon = model.decode(model.encode_latents(x))
+    a, b = ((recon + 1) / 2).double(), ((x + 1) / 2).double()  # float64: SSIM's E[x²] − E[x]² cancels in float32
+    # SSIM as Wang et al. (and skimage) average it: over the pixels whose 11-px window lies inside the image;
+    # torchmetrics' own mean also counts the border pixels it computes on reflect-padded images.
+    _, ssim_map = structural_similarity_index_measure(a, b, data_range=1.0, return_full_image=True)
+    per_image = {"PSNR (dB)": peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3)),
+                 "SSIM": ssim_map[..., SSIM_BORDER:-SSIM_BORDER, SSIM_BORDER:-SSIM_BORDER].mean(dim=(1, 2, 3))}
+    out = []
+    for name, values in per_image.items():
+        mean, lo, hi = bootstrap_ci(np.mean, values.numpy(), n_boot=n_boot)
+        out.append({"metric": name, "n": len(rows), "mean": mean, "ci_lo": lo, "ci_hi": hi})
+    return pd.DataFrame(out)
+
+
+# --------------------------------------------------------------------------- conditioning control
+
+def label_probe(manifest: str | Path, column: str, classes: tuple[str, ...], size: int, epochs: int,
+                seed: int = 0) -> Probe:
+    """A SmallCNN trained on the real `train` rows to read `column` (BI-RADS or pathology): the judge of control."""
+    df = read_manifest(manifest)
+    train = df[df["split"] == "train"]
+    labels = torch.tensor([classes.index(str(v).lower()) for v in train[column]])
+    return train_classifier(load_images(train, size), labels, len(classes), epochs=epochs, seed=seed,
+                            classes=classes, progress=False)
+
+
+def control_row(name: str, probe: Probe, frame: pd.DataFrame, column: str, size: int) -> dict:
+    """How often the judge reads the requested (generated) or true (real) `column` value, with a Wilson CI."""
+    classes = list(probe.classes)
+    truth = np.array([classes.index(str(v).lower()) for v in frame[column]])
+    correct = int((probe.predict(load_images(frame, size)) == truth).sum())
+    rate, lo, hi = proportion_ci(correct, len(frame))
+    return {"images": name, "judged": column, "n": len(frame), "accuracy": rate, "ci_lo": lo, "ci_hi": hi,
+            "chance": 1 / len(classes)}
+
+
+# --------------------------------------------------------------------------- the replacement experiment
+
+@dataclass
+class Replacement:
+    """AUC of each arm on the real test images (DeLong CI), and DeLong's test of the difference."""
+
+    table: pd.DataFrame
+    p_value: float
+    n_test: int
+
+
+def high_suspicion(frame: pd.DataFrame) -> np.ndarray:
+    """1 where BI-RADS is 4c or 5 (malignancy more likely than not), else 0: the replacement model's target."""
+    return np.isin(frame["birads"].astype(str).str.lower(), HIGH).astype(int)
+
+
+def replacement(manifest: str | Path, generated: pd.DataFrame, size: int, epochs: int, seed: int = 0
+                ) -> Replacement:
+    """The study's Fig 4: a BI-RADS model (here: 4c/5 vs 3/4a/4b) trained on the real training images vs on as
+    many images, half of them real (a random half) and half CoLDiT's, both tested on the real test split."""
+    df = read_manifest(manifest)
+    train, test = df[df["split"] == "train"], df[df["split"] == "test"]
+    half, need = len(train) // 2, len(train) - len(train) // 2
+    if len(generated) < need:
+        raise ValueError(f"the replacement needs {need} generated images, got {len(generated)}")
+    kept = np.sort(np.random.default_rng(seed).choice(len(train), half, replace=False))
+    real_x, real_y = load_images(train, size), torch.tensor(high_suspicion(train))
+    gen = generated.iloc[:need]
+    arms = {REAL: (real_x, real_y),
+            HALF: (torch.cat([real_x[kept], load_images(gen, size)]),
+                   torch.cat([real_y[kept], torch.tensor(high_suspicion(gen))]))}
+    y, x_test, scores, rows = high_suspicion(test), load_images(test, size), {}, []
+    for name, (x, labels) in arms.items():
+        probe = train_classifier(x, labels, 2, epochs=epochs, seed=seed, progress=False)
+        scores[name] = probe.predict_proba(x_test)[:, 1]
+        auc, lo, hi = delong_ci(y, scores[name])
+        rows.append({"arm": name, "n_train": len(x), "auc": auc, "ci_lo": lo, "ci_hi": hi})
+    _, _, _, p = delong_test(y, scores[REAL], scores[HALF], degenerate="permutation")
+    return Replacement(pd.DataFrame(rows), p, len(test))
+
+
+# --------------------------------------------------------------------------- speed
+
+def images_per_second(model_dir: str | Path, sample_dir: str | Path, n: int, batch_size: int = 16,
+                      **sampling) -> float:
+    """Generation throughput on this machine: the first `n` requests of a sampled folder's plan, redrawn."""
+    model = load_generator(model_dir).eval()
+    requests = read_plan(sample_dir)[:n]
+    start = time.perf_counter()
+    pipeline.sample_images(model, requests, batch_size=batch_size, progress=False, **sampling)
+    return len(requests) / (time.perf_counter() - start)
+
+
+def birads_grid_images(frame: pd.DataFrame, per_class: int) -> dict[tuple[str, str], np.ndarray]:
+    """{(BI-RADS row label, k): stored uint8 pixels} of the first `per_class` generated images per category."""
+    root, cells = Path(frame.attrs["root"]), {}
+    for b in BIRADS_CLASSES:
+        for k, image in enumerate(frame.loc[frame["birads"].astype(str) == b, "image"].head(per_class)):
+            cells[(grid_row(b), str(k + 1))] = np.asarray(Image.open(root / image))
+    return cells
+
+
+def grid_row(birads: str) -> str:
+    return f"BI-RADS {birads}\n{BIRADS_PATHOLOGY[birads]}"
