@@ -218,12 +218,15 @@ def test_every_variant_trains_and_learns_an_easy_task(tmp_path, variant):
     assert roc_auc_score(y, lr.predict_proba(net, images)) > 0.9
 
 
-def test_cross_validation_splits_by_patient_and_resumes(tmp_path):
+def test_cross_validation_splits_by_patient_and_keeps_extra_lesions_of_test_lesions_out(tmp_path):
     df = read_manifest(multiview_manifest(tmp_path))
-    table = lr.cross_validate(df, ["baseline", "lr"], "smoke")
-    assert set(table["variant"]) == {"baseline", "lr"} and sorted(set(table["fold"])) == [0, 1]
     rows, y = lr.lesion_rows(df)
-    for train, test in lr.patient_folds(rows, y, 2, 0):
+    folds = lr.patient_folds(rows, y, 2, 0)
+    for train, test in folds:
         assert not set(rows["patient_id"].iloc[train]) & set(rows["patient_id"].iloc[test])
-    again = lr.cross_validate(df, ["baseline", "lr"], "smoke", done=table)
-    pd.testing.assert_frame_equal(again, table)
+    # "generated" lesions: copies of real lesions under new ids, made from them (source_lesion)
+    extra = df.assign(lesion_id="G" + df["lesion_id"], patient_id="G" + df["patient_id"], source_lesion=df["lesion_id"])
+    table = lr.cross_validate(df, ["baseline", "lr"], "smoke", extra=extra, arm="real + extra")
+    assert set(table["variant"]) == {"baseline", "lr"} and sorted(set(table["fold"])) == [0, 1]
+    assert set(table["arm"]) == {"real + extra"}
+    assert list(table["n_train"]) == [2 * len(train) for train, _ in folds for _ in range(2)]

@@ -250,13 +250,13 @@ def patient_folds(rows: pd.DataFrame, y: np.ndarray, folds: int, seed: int) -> l
 
 
 def cross_validate(df: pd.DataFrame, variants: Sequence[str], profile: str, seed: int = 0,
-                   extra: pd.DataFrame | None = None, arm: str = "real", done: pd.DataFrame | None = None,
-                   progress: bool = False) -> pd.DataFrame:
+                   extra: pd.DataFrame | None = None, arm: str = "real", progress: bool = False) -> pd.DataFrame:
     """One row per (variant, fold): the test fold's metrics after training on the other folds.
 
     `extra` (e.g. generated multi-view lesions) joins every fold's training set,
-    never its test set; `arm` names the setting in the table. Rows of `done` with
-    the same arm, variant and fold are kept instead of retrained (resume).
+    never its test set; where it has a `source_lesion` column (the real lesion
+    whose conditions made it), rows made from a test-fold lesion are left out of
+    that fold. `arm` names the setting in the table.
     """
     settings = get_lesion_recognition(profile)
     for v in variants:
@@ -268,15 +268,15 @@ def cross_validate(df: pd.DataFrame, variants: Sequence[str], profile: str, seed
         extra_rows, extra_y = lesion_rows(extra)
         extra_images = as_inputs(extra_rows, settings.input_size)
         extra_codes = pd.factorize(extra_rows["lesion_id"])[0] + codes.max() + 1
-    records = [] if done is None else done.to_dict("records")
-    seen = {(r["arm"], r["variant"], r["fold"]) for r in records}
+    records = []
     for fold, (train, test) in enumerate(patient_folds(rows, y, settings.folds, seed)):
         x, t, c = images[train], y[train], codes[train]
         if extra is not None:
-            x, t, c = torch.cat([x, extra_images]), np.concatenate([t, extra_y]), np.concatenate([c, extra_codes])
+            keep = ~extra_rows.get("source_lesion", pd.Series("", index=extra_rows.index)).isin(
+                rows["lesion_id"].iloc[test]).to_numpy()
+            x, t = torch.cat([x, extra_images[keep]]), np.concatenate([t, extra_y[keep]])
+            c = np.concatenate([c, extra_codes[keep]])
         for v in variants:
-            if (arm, v, fold) in seen:
-                continue
             net = fit(v, x, t, c, settings, seed=seed + fold)
             metrics = lesion_metrics(y[test], predict_proba(net, images[test]), rows["lesion_id"].iloc[test])
             records.append({"arm": arm, "variant": v, "fold": fold, "n_train": len(t), "n_test": len(test), **metrics})
