@@ -60,7 +60,7 @@ def test_lr_minus_dc_keeps_only_negatives_of_the_same_class_from_other_lesions()
 
 
 def test_ir_pairs_an_image_with_its_second_augmentation_only():
-    ids = torch.arange(3).repeat(2)  # how fit() labels two augmentations of three images of one lesion
+    ids = torch.arange(3).repeat(2)  # as fit() labels two augmentations of three images (by image index)
     pos, neg = lr.pair_masks(ids, torch.zeros(6, dtype=torch.long), "all")
     assert pairs(pos) == {(0, 3), (3, 0), (1, 4), (4, 1), (2, 5), (5, 2)}
     assert (0, 1) in pairs(neg)  # another view of the same lesion repels in IR

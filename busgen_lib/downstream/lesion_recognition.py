@@ -116,7 +116,8 @@ def contrastive_loss(z: torch.Tensor, ids: torch.Tensor, classes: torch.Tensor, 
     the softmax over P(i) ∪ N(i); the mean runs over all n anchors, as eq. 2's 1/N_b (one without a positive
     adds 0; SupConLoss's default reducer would leave out every zero term)."""
     pos, neg = pair_masks(ids, classes, negatives)
-    return _SupConEq2(temperature=temperature, reducer=MeanReducer())(z, indices_tuple=(*torch.where(pos), *torch.where(neg)))
+    loss = _SupConEq2(temperature=temperature, reducer=MeanReducer())
+    return loss(z, indices_tuple=(*torch.where(pos), *torch.where(neg)))
 
 
 # --------------------------------------------------------------------------- the network and its training
@@ -169,9 +170,9 @@ def fit(variant: str, images: torch.Tensor, y: np.ndarray, lesion_codes: np.ndar
     def loss(index: torch.Tensor) -> torch.Tensor:
         z, logits = net(augment_batch(images[index], transform))
         total = F.cross_entropy(logits, labels[index])
-        if spec.positives == "instance":  # IR: a second augmentation of each image is its only positive
+        if spec.positives == "instance":  # IR: the image's second augmentation (and any repeat of it) is positive
             z2, _ = net(augment_batch(images[index], transform))
-            z, ids, classes = torch.cat([z, z2]), torch.arange(len(index)).repeat(2), labels[index].repeat(2)
+            z, ids, classes = torch.cat([z, z2]), index.repeat(2), labels[index].repeat(2)
         else:
             ids, classes = codes[index], labels[index]
         if spec.positives is not None:
