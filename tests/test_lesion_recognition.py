@@ -230,3 +230,17 @@ def test_cross_validation_splits_by_patient_and_keeps_extra_lesions_of_test_lesi
     assert set(table["variant"]) == {"baseline", "lr"} and sorted(set(table["fold"])) == [0, 1]
     assert set(table["arm"]) == {"real + extra"}
     assert list(table["n_train"]) == [2 * len(train) for train, _ in folds for _ in range(2)]
+
+
+def test_generated_lesion_plan_repeats_one_real_lesions_conditions_per_generated_lesion(tmp_path):
+    from busgen_lib.experiments.lesion_recognition import lesion_plan
+
+    df = read_manifest(multiview_manifest(tmp_path))
+    plan = lesion_plan(df, n_lesions=4, views=3, seed=0)
+    assert len(plan) == 12 and list(plan["pathology"]) == ["benign"] * 6 + ["malignant"] * 6
+    for k in range(4):
+        block = plan.iloc[3 * k: 3 * k + 3]
+        assert block["source_lesion"].nunique() == 1 and block[["device", "boxes"]].drop_duplicates().shape[0] == 1
+        source = df[(df["lesion_id"] == block["source_lesion"].iloc[0]) & (df["view"] == "0")]
+        assert source["pathology"].iloc[0] == block["pathology"].iloc[0]
+    assert plan["source_lesion"].iloc[::3].nunique() == 4  # 6 lesions per class: no source drawn twice
