@@ -294,9 +294,10 @@ LESION_RECOGNITION: dict[str, LesionRecognitionSettings] = {
     # Notebook 10 fits 6 variants x 5 folds (IR costs two) plus 4 arms x 5 folds in its 15-minute budget, ~20 s per
     # fit: resnet18 would get ~30 steps, test_resnet ~150; test_resnet is the demo backbone. On fold 0 of the demo
     # phantom (2,219 lesion images, 430 lesions), 150 steps of 8 x 8 gave AUC 0.644 (baseline) and 0.705 (LR).
-    # 4 views per lesion, not 8: the phantom's lesions have 2-8 views (median 6), so 8 repeats many images, and
-    # halving the batch halves a step's cost. The temperature is SupCon's 0.1: at 1.0 (eq. 2 literally) the
-    # cosine logits span only e^-1..e^1.
+    # 4 views per lesion, not 8: the phantom's lesions have 2-8 views (median 5), so 8 repeats many images, and
+    # halving the batch halves a step's cost. It costs quality: on the same fold 0, 8 x 4 gave AUC 0.560 (baseline)
+    # and 0.496 (LR) against 0.644 and 0.705 with 8 x 8 (one fold each; the 5-fold demo means are in notebook 10).
+    # The temperature is SupCon's 0.1: at 1.0 (eq. 2 literally) the cosine logits span only e^-1..e^1.
     "demo": LesionRecognitionSettings("test_resnet", input_size=64, views_per_lesion=4, steps=150, lr=1e-3,
                                       temperature=0.1, generated_views=4, generated_lesions=40),
     # The paper's: ResNet-50, 256 px resized then cropped (224 here), 8 x 8 batches, Adam 1e-4, 200 epochs.
