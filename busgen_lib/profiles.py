@@ -372,3 +372,50 @@ COLDIT: dict[str, ColditSettings] = {
 def get_coldit(profile: str, **overrides) -> ColditSettings:
     """CoLDiT's sizes under `profile`."""
     return _lookup(COLDIT, profile, **overrides)
+
+
+# --------------------------------------------------------------------------- lesion recognition (notebook 10)
+# The multi-task framework of the lesion-recognition paper (seeds/003): a timm backbone, a benign/malignant head
+# and the contrastive loss of its eqs. 2-4 over the backbone's pooled features; read by
+# busgen_lib/downstream/lesion_recognition.py.
+
+@dataclass(frozen=True)
+class LesionRecognitionSettings:
+    backbone: str                      # timm model name, created with in_chans=1, num_classes=2, pretrained=False
+    input_size: int                    # images resized to input_size x input_size grayscale
+    lesions_per_batch: int = 8         # paper §3.1: "8 patients and 8 images per patient" (batch of 64)
+    views_per_lesion: int = 8          # M of pytorch-metric-learning's MPerClassSampler
+    steps: int = 1000                  # optimiser steps per fit (the paper: 200 epochs of its 5,911 images)
+    lr: float = 1e-4                   # paper: Adam, 1e-4
+    weight_decay: float = 0.0          # paper: plain Adam
+    alpha: float = 1.0                 # eq. 4's weight of L_con (the paper does not state its value)
+    temperature: float = 1.0           # eq. 2 has none (exp of the cosine similarity itself): 1.0
+    folds: int = 5                     # paper §3.1: 5-fold cross-validation (ours: split by patient)
+    generated_views: int = 4           # BUSGen samples per generated lesion (the joint experiment)
+    generated_lesions: int = 1000      # generated lesions added to each fold's training set
+
+
+LESION_RECOGNITION: dict[str, LesionRecognitionSettings] = {
+    # timm's test_resnet (0.37M parameters) at 32 px: every variant x fold in seconds.
+    "smoke": LesionRecognitionSettings("test_resnet", input_size=32, lesions_per_batch=4, views_per_lesion=4,
+                                       steps=8, lr=1e-3, temperature=0.1, folds=2, generated_views=2,
+                                       generated_lesions=8),
+    # Two candidates were timed at 64 px, batch 8 x 8, one thread (forward + backward + Adam step, idle machine):
+    #   resnet18 (11.2M) 0.66 s/step, resnet10t (4.9M) 0.47 s/step, test_resnet (0.37M) 0.12 s/step.
+    # Notebook 10 fits 6 variants x 5 folds (IR costs two) plus 4 arms x 5 folds in its 15-minute budget, ~20 s per
+    # fit: resnet18 would get ~30 steps, test_resnet ~150; test_resnet is the demo backbone. On fold 0 of the demo
+    # phantom (2,219 lesion images, 430 lesions), 150 steps of 8 x 8 gave AUC 0.644 (baseline) and 0.705 (LR).
+    # 4 views per lesion, not 8: the phantom's lesions have 2-8 views (median 5), so 8 repeats many images, and
+    # halving the batch halves a step's cost. It costs quality: on the same fold 0, 8 x 4 gave AUC 0.560 (baseline)
+    # and 0.496 (LR) against 0.644 and 0.705 with 8 x 8 (one fold each; the 5-fold demo means are in notebook 10).
+    # The temperature is SupCon's 0.1: at 1.0 (eq. 2 literally) the cosine logits span only e^-1..e^1.
+    "demo": LesionRecognitionSettings("test_resnet", input_size=64, views_per_lesion=4, steps=150, lr=1e-3,
+                                      temperature=0.1, generated_views=4, generated_lesions=40),
+    # The paper's: ResNet-50, 256 px resized then cropped (224 here), 8 x 8 batches, Adam 1e-4, 200 epochs.
+    "paper": LesionRecognitionSettings("resnet50", input_size=224, steps=20_000),
+}
+
+
+def get_lesion_recognition(profile: str, **overrides) -> LesionRecognitionSettings:
+    """The lesion-recognition settings under `profile`, optionally overriding fields."""
+    return _lookup(LESION_RECOGNITION, profile, **overrides)
