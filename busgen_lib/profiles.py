@@ -400,16 +400,14 @@ LESION_RECOGNITION: dict[str, LesionRecognitionSettings] = {
     "smoke": LesionRecognitionSettings("test_resnet", input_size=32, lesions_per_batch=4, views_per_lesion=4,
                                        steps=8, lr=1e-3, temperature=0.1, folds=2, generated_views=2,
                                        generated_lesions=8),
-    # Two candidates were timed at 64 px, batch 8 x 8, one thread (forward + backward + Adam step, idle machine):
-    #   resnet18 (11.2M) 0.66 s/step, resnet10t (4.9M) 0.47 s/step, test_resnet (0.37M) 0.12 s/step.
-    # Notebook 10 fits 6 variants x 5 folds (IR costs two) plus 4 arms x 5 folds in its 15-minute budget, ~20 s per
-    # fit: resnet18 would get ~30 steps, test_resnet ~150; test_resnet is the demo backbone. On fold 0 of the demo
-    # phantom (2,219 lesion images, 430 lesions), 150 steps of 8 x 8 gave AUC 0.644 (baseline) and 0.705 (LR).
-    # 4 views per lesion, not 8: the phantom's lesions have 2-8 views (median 5), so 8 repeats many images, and
-    # halving the batch halves a step's cost. It costs quality: on the same fold 0, 8 x 4 gave AUC 0.560 (baseline)
-    # and 0.496 (LR) against 0.644 and 0.705 with 8 x 8 (one fold each; the 5-fold demo means are in notebook 10).
-    # The temperature is SupCon's 0.1: at 1.0 (eq. 2 literally) the cosine logits span only e^-1..e^1.
-    "demo": LesionRecognitionSettings("test_resnet", input_size=64, views_per_lesion=4, steps=150, lr=1e-3,
+    # Demo: timm's test_resnet (0.37M parameters) at 32 px, 8 lesions x 4 views (the phantom's lesions have 2-8
+    # views, median 5), 300 steps. Measured on fold 0 of the demo phantom (2,219 lesion images, 430 lesions; one
+    # thread, machine loaded): at 64 px, 150 steps the baseline reached AUC 0.56 and LR 0.50 (chance: too few steps
+    # per fit); at 32 px, 300 steps 0.79 / 0.76 (30 s per fit), 600 steps 0.86 / 0.84 (56 s), and resnet10t (4.9M)
+    # 300 steps 0.87 (95 s). The notebook fits ~55 models (6 variants x 5 folds, the BUS-UCLM proxy, the generated
+    # arm), so 300 steps of test_resnet is what fits its 15 minutes. The temperature is SupCon's 0.1: at 1.0 (eq. 2
+    # literally) the cosine logits span only e^-1..e^1.
+    "demo": LesionRecognitionSettings("test_resnet", input_size=32, views_per_lesion=4, steps=300, lr=1e-3,
                                       temperature=0.1, generated_views=4, generated_lesions=40),
     # The paper's: ResNet-50, 256 px resized then cropped (224 here), 8 x 8 batches, Adam 1e-4, 200 epochs.
     "paper": LesionRecognitionSettings("resnet50", input_size=224, steps=20_000),
