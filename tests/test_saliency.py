@@ -56,6 +56,26 @@ def test_summary_gives_mean_shares_with_intervals():
     assert ((summary["lo"] <= summary["saliency_share"]) & (summary["saliency_share"] <= summary["hi"])).all()
 
 
+def test_an_all_zero_map_is_counted_apart_not_averaged_as_zero_shares():
+    """GradCAM's ReLU can leave nothing: such an image has no shares, and the summary says how many there were."""
+    rng = np.random.default_rng(1)
+    maps = rng.random((5, SIZE, SIZE))
+    maps[2] = 0.0
+    masks = np.stack([square_mask()] * 5)
+    table = share_table(maps, masks, band_px=2)
+    assert table["empty_map"].tolist() == [False, False, True, False, False]
+    assert np.isnan(table.loc[2, "lesion_share"])
+    summary = summarise_shares(table, n_boot=100).set_index("region")
+    kept = table.drop(index=2)
+    assert summary.loc["lesion", "saliency_share"] == pytest.approx(kept["lesion_share"].mean())
+    assert summary.loc["margin", "area_share"] == pytest.approx(kept["margin_area"].mean())
+    assert (summary["n"] == 4).all() and (summary["n_empty"] == 1).all()
+    with pytest.raises(DataError, match="all 1 saliency maps are empty"):
+        summarise_shares(share_table(np.zeros((1, SIZE, SIZE)), masks[:1], band_px=2))
+    with pytest.raises(DataError, match="some positive mass"):  # a single map still has to have some
+        region_shares(np.zeros((SIZE, SIZE)), square_mask(), band_px=2)
+
+
 def test_refusals_name_the_problem():
     with pytest.raises(DataError, match="differ in shape"):
         region_shares(np.ones((SIZE, SIZE)), square_mask(size=SIZE + 2), band_px=1)

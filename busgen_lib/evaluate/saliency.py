@@ -111,18 +111,32 @@ def region_shares(saliency: np.ndarray, mask: np.ndarray, band_px: int) -> dict[
 
 
 def share_table(saliency: np.ndarray, masks: np.ndarray, band_px: int) -> pd.DataFrame:
-    """One row of `region_shares` per image of (N, H, W) saliency maps and lesion masks."""
+    """One row of `region_shares` per image of (N, H, W) saliency maps and lesion masks.
+
+    GradCAM's final ReLU leaves an all-zero map where no activation speaks for
+    the target class; such a map has no shares to split, so its row is NaN with
+    `empty_map` True (counted, not silently averaged as zeros).
+    """
     saliency, masks = np.asarray(saliency), np.asarray(masks)
     if len(saliency) != len(masks):
         raise DataError(f"{len(saliency)} saliency maps but {len(masks)} lesion masks: one mask per image")
-    return pd.DataFrame([region_shares(s, m, band_px) for s, m in zip(saliency, masks)])
+    rows = []
+    for s, m in zip(saliency, masks):
+        empty = not (s < 0).any() and s.sum() == 0
+        rows.append({"empty_map": empty} if empty else {**region_shares(s, m, band_px), "empty_map": False})
+    return pd.DataFrame(rows)
 
 
 def summarise_shares(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Per region: mean saliency share over images with a bootstrap CI, and the mean area share beside it."""
+    """Per region: mean saliency share over the images with a non-empty map, with a bootstrap CI, and the mean
+    area share beside it; `n` counts the images used, `n_empty` those whose map was all zero."""
+    empty = table["empty_map"].astype(bool) if "empty_map" in table else pd.Series(False, index=table.index)
+    used = table[~empty]
+    if used.empty:
+        raise DataError(f"all {len(table)} saliency maps are empty: the model shows no evidence for the target class")
     rows = []
     for name in REGIONS:
-        share, lo, hi = bootstrap_ci(np.mean, table[f"{name}_share"].to_numpy(), n_boot=n_boot, seed=seed)
+        share, lo, hi = bootstrap_ci(np.mean, used[f"{name}_share"].to_numpy(), n_boot=n_boot, seed=seed)
         rows.append({"region": name, "saliency_share": share, "lo": lo, "hi": hi,
-                     "area_share": float(table[f"{name}_area"].mean()), "n": len(table)})
+                     "area_share": float(used[f"{name}_area"].mean()), "n": len(used), "n_empty": int(empty.sum())})
     return pd.DataFrame(rows)
