@@ -351,9 +351,10 @@ COLDIT: dict[str, ColditSettings] = {
                             dit_train=dict(steps=24, batch_size=8, learning_rate=1e-3, warmup_steps=4,
                                            checkpoint_every=12, log_every=4)),
     # 64 px → 16² x 4 latents (f = 4), DiT of 6 layers x 4 heads x 32 on 8² patches of 2. NOT YET TUNED OR RUN:
-    # on the loaded 2-core machine one thread took 5.6 s per autoencoder step at (32, 64, 64) x batch 16, 2.6 s per
-    # DiT step (batch 32, encoding included) and 5.5 s per demo UNet step (batch 16), so notebook 09 under demo
-    # needs smaller numbers (or another budget rule for its UNet arm) to fit in 15 minutes.
+    # on the idle 2-core machine (two threads) an autoencoder step at (32, 64, 64) x batch 16 takes 0.69 s, a DiT
+    # step (batch 32, encoding included) 0.31 s, a demo UNet step (batch 16) 1.16 s; these sizes are 6.9 + 7.7 min
+    # of CoLDiT training per dataset, and a UNet matched on images seen 70 min. Notebook 09 under demo needs
+    # smaller numbers and a compute-matched (equal training seconds) UNet arm to fit in 15 minutes.
     "demo": ColditSettings(vae_channels=(32, 64, 64), latent_channels=4, kl_weight=1e-4,
                            dit_layers=6, dit_heads=4, dit_head_dim=32, patch_size=2, norm_num_groups=16,
                            vae_train=dict(steps=600, batch_size=16, learning_rate=1e-3, warmup_steps=30,
