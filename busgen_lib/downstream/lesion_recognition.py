@@ -35,7 +35,7 @@ from busgen_lib.downstream.classifier import PREDICT_BATCH, create_backbone
 from busgen_lib.downstream.tasks import Task
 from busgen_lib.downstream.training import as_inputs, augment_batch, classification_augment, train_loop
 from busgen_lib.errors import DataError, UsageError
-from busgen_lib.evaluate.stats import _paired_across_seeds
+from busgen_lib.evaluate.stats import paired_differences
 from busgen_lib.profiles import LesionRecognitionSettings, get_lesion_recognition
 
 METRICS = ("auc", "acc", "sensitivity", "precision", "specificity", "f1", "mcr")
@@ -312,5 +312,5 @@ def paired_test(table: pd.DataFrame, a: str = "lr", b: str = "baseline", by: str
         if a not in pair or b not in pair or len(pair) < 2:
             raise UsageError(f"paired test of {a} vs {b} on {m}: needs both on >= 2 common folds")
         out[m] = {"n_folds": len(pair), f"mean_{a}": pair[a].mean(), f"mean_{b}": pair[b].mean(),
-                  **_paired_across_seeds(pair[a].to_numpy(), pair[b].to_numpy(), level)}
+                  **paired_differences(pair[a].to_numpy(), pair[b].to_numpy(), level)}
     return pd.DataFrame.from_dict(out, orient="index")

@@ -259,7 +259,7 @@ def compare_seeded_arms(y_true: np.ndarray, arm_scores: Mapping[str, Sequence[np
         row = {"arm": name, "n_seeds": len(a), "auc_mean": a.mean(), "auc_sd": a.std(ddof=1), "auc_min": a.min(),
                "auc_max": a.max(), "ensemble_auc": rank_auc(y, ensembles[name])}
         if name != reference:
-            row |= _paired_across_seeds(a, aucs[reference], level)
+            row |= paired_differences(a, aucs[reference], level)
             _, _, z, p = delong_test(y, ensembles[name], ensembles[reference], degenerate="permutation")
             row |= {"ensemble_delong_p": p, "ensemble_p_method": "permutation" if math.isnan(z) else "delong"}
         rows.append(row)
@@ -268,8 +268,8 @@ def compare_seeded_arms(y_true: np.ndarray, arm_scores: Mapping[str, Sequence[np
     return table
 
 
-def _paired_across_seeds(auc: np.ndarray, ref: np.ndarray, level: float) -> dict[str, float]:
-    """Mean AUC difference with its t CI, paired t-test p and Wilcoxon signed-rank p over seeds."""
+def paired_differences(auc: np.ndarray, ref: np.ndarray, level: float) -> dict[str, float]:
+    """Mean paired difference (e.g. AUC per seed or per fold) with its t CI, paired t-test p and Wilcoxon p."""
     diff = auc - ref
     if np.all(diff == 0):
         return {"diff_mean": 0.0, "diff_ci_lo": 0.0, "diff_ci_hi": 0.0, "t_p": 1.0, "wilcoxon_p": 1.0}
