@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -158,3 +159,24 @@ def birads_grid_images(frame: pd.DataFrame, per_class: int) -> dict[tuple[str, s
 
 def grid_row(birads: str) -> str:
     return f"BI-RADS {birads}\n{BIRADS_PATHOLOGY[birads]}"
+
+
+STUDY_READERS_AUC = (0.53, 0.63)  # the CoLDiT study's real-vs-generated reader AUCs (five of six readers)
+
+
+def side_by_side_figure(side_by_side: pd.DataFrame) -> plt.Figure:
+    """Fréchet distance, two-sample AUC (bootstrap CI bars) and images/s per dataset, CoLDiT beside the UNet."""
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.4))
+    for ax, column, label in zip(axes, ["frechet_distance", "two_sample_auc", "images_per_s"],
+                                 ["Fréchet distance (lower better)", "real-vs-generated AUC (0.5 best)", "images / s"]):
+        pivot = side_by_side.pivot(index="data", columns="model", values=column)
+        error = None
+        if column == "two_sample_auc":  # bootstrap 95% CIs as asymmetric error bars
+            lo, hi = (side_by_side.pivot(index="data", columns="model", values=c) for c in ("auc_ci_lo", "auc_ci_hi"))
+            error = [[(pivot - lo)[m].values, (hi - pivot)[m].values] for m in pivot.columns]
+        pivot.plot.bar(ax=ax, rot=0, legend=ax is axes[0], yerr=error, capsize=2)
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("")
+    axes[1].axhspan(*STUDY_READERS_AUC, color="#f0c000", alpha=0.3, label="study readers (5 of 6)")
+    axes[1].legend(fontsize=6)
+    return fig
