@@ -340,6 +340,9 @@ class ColditSettings:
     vae_train: dict = field(default_factory=dict)  # TrainConfig overrides of the autoencoder stage
     dit_train: dict = field(default_factory=dict)  # TrainConfig overrides of the DiT stage
     guidance: float = 1.5             # classifier-free guidance weight w of eq. 2 when sampling
+    # Images per model in the CoLDiT-vs-UNet quality comparison (equal n: the Fréchet distance is biased by n);
+    # None: as many as the replacement experiment draws from CoLDiT (half the training rows).
+    compared_samples: int | None = None
 
 
 COLDIT: dict[str, ColditSettings] = {
@@ -350,17 +353,18 @@ COLDIT: dict[str, ColditSettings] = {
                                            checkpoint_every=12, log_every=4),
                             dit_train=dict(steps=24, batch_size=8, learning_rate=1e-3, warmup_steps=4,
                                            checkpoint_every=12, log_every=4)),
-    # 64 px → 16² x 4 latents (f = 4), DiT of 6 layers x 4 heads x 32 on 8² patches of 2. NOT YET TUNED OR RUN:
-    # on the idle 2-core machine (two threads) an autoencoder step at (32, 64, 64) x batch 16 takes 0.69 s, a DiT
-    # step (batch 32, encoding included) 0.31 s, a demo UNet step (batch 16) 1.16 s; these sizes are 6.9 + 7.7 min
-    # of CoLDiT training per dataset, and a UNet matched on images seen 70 min. Notebook 09 under demo needs
-    # smaller numbers and a compute-matched (equal training seconds) UNet arm to fit in 15 minutes.
-    "demo": ColditSettings(vae_channels=(32, 64, 64), latent_channels=4, kl_weight=1e-4,
-                           dit_layers=6, dit_heads=4, dit_head_dim=32, patch_size=2, norm_num_groups=16,
-                           vae_train=dict(steps=600, batch_size=16, learning_rate=1e-3, warmup_steps=30,
+    # 64 px → 16² x 4 latents (f = 4): a (16, 32, 32) autoencoder and a DiT of 6 layers x 4 heads x 32 on 8²
+    # patches of 2. Sized so that notebook 09 (two data sets, each with CoLDiT and a UNet of equal training FLOPs)
+    # fits 15 minutes on 2 cores. Measured on the demo phantom, one thread, forward + backward per step: autoencoder
+    # 21 GFLOP (batch 16, 0.44 s), DiT 20 GFLOP (batch 32, encoding included, 0.36 s), demo UNet 78 GFLOP (batch 16,
+    # 1.09 s); a (32, 64, 64) autoencoder costs 82 GFLOP per step (1.15 s) and adds 10 GFLOP to every DiT step.
+    "demo": ColditSettings(vae_channels=(16, 32, 32), latent_channels=4, kl_weight=1e-4,
+                           dit_layers=6, dit_heads=4, dit_head_dim=32, patch_size=2, norm_num_groups=8,
+                           vae_train=dict(steps=150, batch_size=16, learning_rate=1e-3, warmup_steps=15,
+                                          checkpoint_every=50),
+                           dit_train=dict(steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=30,
                                           checkpoint_every=100),
-                           dit_train=dict(steps=1500, batch_size=32, learning_rate=5e-4, warmup_steps=50,
-                                          checkpoint_every=100)),
+                           compared_samples=128),
     "paper": ColditSettings(vae_channels=(128, 256, 512, 512), latent_channels=4, kl_weight=1e-6,
                             dit_layers=12, dit_heads=12, dit_head_dim=64, patch_size=2, norm_num_groups=32,
                             vae_train=dict(steps=100_000, batch_size=32, learning_rate=1e-4, warmup_steps=1000,

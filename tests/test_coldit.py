@@ -237,14 +237,30 @@ def test_control_row_counts_the_judges_agreement_with_a_wilson_ci(tiny_phantom):
                                                          proportion_ci(hits, len(frame))[1])
 
 
-def test_the_matched_unet_budget_sees_as_many_images_as_both_coldit_stages():
-    from busgen_lib.experiments.coldit import matched_unet_steps
-    from busgen_lib.profiles import PRETRAIN, get_coldit
+def test_step_flops_of_a_linear_layer_are_its_closed_form():
+    from busgen_lib.experiments.coldit import step_flops
 
-    s = get_coldit("demo")
-    seen = 600 * 16 + 1500 * 32  # demo: autoencoder 600 x 16, DiT 1500 x 32
-    assert (s.vae_train["steps"] * s.vae_train["batch_size"] + s.dit_train["steps"] * s.dit_train["batch_size"]) == seen
-    assert matched_unet_steps("demo") == round(seen / PRETRAIN["demo"]["batch_size"])
+    b, n_in, n_out = 8, 5, 3
+    layer = torch.nn.Linear(n_in, n_out)
+    batch = {"x": torch.randn(b, n_in), "y": torch.randn(b, n_out)}
+    # forward x·Wᵀ and the weight gradient gᵀ·x, 2·b·n_in·n_out each (the input needs no gradient)
+    assert step_flops(layer, lambda m, bt: F.mse_loss(m(bt["x"]), bt["y"]), batch) == 4 * b * n_in * n_out
+    assert layer.weight.grad is None  # the count leaves no gradient behind
+
+
+def test_the_unet_budget_spends_coldits_training_flops(tiny_phantom, tmp_path):
+    from busgen_lib.experiments.coldit import birads_manifest, compute_budget
+    from busgen_lib.profiles import get_coldit
+
+    s = get_coldit("smoke")
+    budget = compute_budget(birads_manifest(tiny_phantom, tmp_path), "smoke")
+    table = budget.table.set_index("network")
+    assert table["steps"].tolist() == [s.vae_train["steps"], s.dit_train["steps"], budget.unet_steps]
+    assert table["batch"].tolist() == [s.vae_train["batch_size"], s.dit_train["batch_size"], 8]
+    coldit_tflop = table["TFLOP"].iloc[:2].sum()
+    # the smallest step count that reaches CoLDiT's FLOPs
+    assert table.loc["BUSGen UNet", "TFLOP"] >= coldit_tflop
+    assert table.loc["BUSGen UNet", "TFLOP"] - table.loc["BUSGen UNet", "GFLOP/step"] / 1e3 < coldit_tflop
 
 
 def test_cli_refuses_the_other_backbones_options(coldit_run, tmp_path):

@@ -88,3 +88,36 @@ def test_a_trained_model_is_read_back_only_for_the_same_rows(tmp_path, monkeypat
     assert torch.equal(first.network(x), again.network(x))
     with pytest.raises(AssertionError, match="retrained"):  # other rows: the saved model is not reused
         prognosis.trained_model(BUS_DM, train.iloc[:-2], task, "smoke", tmp_path / "model")
+
+
+def test_cue_scores_are_the_masked_mean_and_area():
+    from busgen_lib.experiments.prognosis import CUE_MEASURES, cue_scores
+
+    images = np.zeros((2, 4, 4))
+    images[0, :2, :2], images[1, :, :] = 0.5, -0.25
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, :2, :2], masks[1, :, :1] = True, True  # 4 and 4 pixels of 16
+    masks[1, 0, 1] = True                           # 5 pixels
+    scores = cue_scores(images, masks)
+    np.testing.assert_allclose(scores[CUE_MEASURES[0]], [-0.5, 0.25])
+    np.testing.assert_allclose(scores[CUE_MEASURES[1]], [4 / 16, 5 / 16])
+    with pytest.raises(DataError, match="1 images have an empty lesion mask"):
+        cue_scores(images, np.zeros_like(masks) | masks * np.array([1, 0])[:, None, None].astype(bool))
+
+
+def test_cue_reference_gives_sklearns_auc_of_the_measures_on_the_held_out_rows(tiny_phantom):
+    from busgen_lib.data.dataset import load_images, load_masks
+    from busgen_lib.data.manifest import read_manifest
+    from busgen_lib.experiments.prognosis import CUE_MEASURES, TaskResult, cue_reference
+
+    task = TASKS["tnbc"]
+    test, y = task.select(task_rows(read_manifest(tiny_phantom)))
+    assert 0 < y.sum() < len(y)
+    result = TaskResult(task, test, y, {}, {}, {})
+    table = cue_reference(result, 32).set_index("measure")
+    images, masks = load_images(test, 32)[:, 0].numpy(), load_masks(test, 32).numpy()
+    inside = [im[m].mean() for im, m in zip(images, masks)]
+    assert table.loc[CUE_MEASURES[0], "auc"] == pytest.approx(roc_auc_score(y, -np.array(inside)))
+    assert table.loc[CUE_MEASURES[1], "auc"] == pytest.approx(roc_auc_score(y, masks.reshape(len(y), -1).mean(1)))
+    assert (table["ci_lo"] <= table["auc"]).all() and (table["auc"] <= table["ci_hi"]).all()
+    assert (table["n"] == len(y)).all()

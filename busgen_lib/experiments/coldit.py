@@ -1,5 +1,5 @@
 """The CoLDiT study on one manifest with BI-RADS (notebook 09): autoencoder fidelity, BI-RADS control, the
-replacement experiment, and CoLDiT beside BUSGen's pixel UNet at the same data and training budget.
+replacement experiment, and CoLDiT beside BUSGen's pixel UNet at the same data and training FLOPs.
 
 Joins `diffusion.train.pretrain` (both backbones, one loop), `diffusion.pipeline` (sampling into manifests),
 `experiments.realism.realism_study` (privacy and realism, as notebook 04 measures BUSGen), `evaluate.probes`
@@ -9,6 +9,7 @@ Joins `diffusion.train.pretrain` (both backbones, one loop), `diffusion.pipeline
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from busgen_lib.data.dataset import load_images
@@ -25,11 +28,13 @@ from busgen_lib.data.manifest import read_manifest, write_manifest
 from busgen_lib.data.schema import BIRADS_CLASSES, BIRADS_PATHOLOGY
 from busgen_lib.diffusion import pipeline
 from busgen_lib.diffusion.checkpoint import load_coldit, load_generator
+from busgen_lib.diffusion.coldit import build_coldit, vae_loss
 from busgen_lib.diffusion.generate import read_plan
-from busgen_lib.diffusion.train import birads_rows
+from busgen_lib.diffusion.model import BUSGenUNet, config_for_profile
+from busgen_lib.diffusion.train import LossFn, birads_rows, diffusion_objective, train_config, train_dataset
 from busgen_lib.evaluate.probes import Probe, train_classifier
 from busgen_lib.evaluate.stats import bootstrap_ci, delong_ci, delong_test, proportion_ci
-from busgen_lib.profiles import PRETRAIN, get_coldit
+from busgen_lib.profiles import get_coldit
 
 HIGH = ("4c", "5")  # the replacement experiment's positive class: malignancy more likely than not (ACR)
 REAL, HALF = "real", "half real + half CoLDiT"
@@ -41,11 +46,54 @@ def birads_manifest(manifest: str | Path, out: str | Path) -> Path:
     return write_manifest(birads_rows(read_manifest(manifest), manifest), Path(out) / "manifest.csv")
 
 
-def matched_unet_steps(profile: str) -> int:
-    """UNet steps that see as many training images as CoLDiT's two stages together (the same training budget)."""
-    s, unet_batch = get_coldit(profile), PRETRAIN[profile]["batch_size"]
-    seen = s.vae_train["steps"] * s.vae_train["batch_size"] + s.dit_train["steps"] * s.dit_train["batch_size"]
-    return max(1, round(seen / unet_batch))
+@dataclass
+class ComputeBudget:
+    """Training FLOPs of CoLDiT's two stages and the UNet steps that spend the same: the side-by-side's budget."""
+
+    table: pd.DataFrame  # one row per trained network: steps, batch, GFLOP per step, TFLOP in all
+    unet_steps: int
+
+
+def step_flops(model: torch.nn.Module, loss_fn: LossFn, batch: dict[str, torch.Tensor]) -> int:
+    """Forward + backward FLOPs of one training step (torch's `FlopCounterMode`: matmuls and convolutions)."""
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def compute_budget(manifest: str | Path, profile: str) -> ComputeBudget:
+    """The UNet training steps whose FLOPs equal CoLDiT's autoencoder + DiT stages under `profile`, each network
+    counted on a real batch of the manifest as `pretrain` builds it (freshly initialised: FLOPs do not depend on
+    the weights). FLOPs, not seconds: the same on every machine, and a resumed run keeps its budget. On the demo
+    CPU they track seconds closely (≈70 GFLOP/s for all three networks on one thread)."""
+    s, df = get_coldit(profile), read_manifest(manifest)
+    coldit_model = build_coldit(profile).train()
+    rows = []
+
+    def count(network: str, config, model: torch.nn.Module, loss_fn: LossFn, dataset) -> None:
+        batch = next(iter(DataLoader(dataset, batch_size=config.batch_size)))
+        flops = step_flops(model, loss_fn, {k: v for k, v in batch.items() if torch.is_tensor(v)})
+        rows.append({"network": network, "steps": config.steps, "batch": config.batch_size, "GFLOP/step": flops / 1e9})
+
+    for network, overrides, frozen, loss_fn in (
+            ("CoLDiT autoencoder", s.vae_train, coldit_model.dit,
+             lambda m, b: vae_loss(m, b, coldit_model.config.kl_weight)),
+            ("CoLDiT DiT", s.dit_train, coldit_model.vae, diffusion_objective(coldit_model))):
+        config = train_config(profile, **overrides)
+        coldit_model.requires_grad_(True)
+        frozen.requires_grad_(False)  # as in `pretrain`: one stage trains, the other network is frozen
+        count(network, config, coldit_model, loss_fn, train_dataset(df, profile, config, birads=True)[0])
+    config = train_config(profile)
+    dataset = train_dataset(df, profile, config)[0]
+    unet = BUSGenUNet(**config_for_profile(profile, dataset.device_vocab)).train()
+    count("BUSGen UNet", config, unet, diffusion_objective(unet), dataset)
+    table = pd.DataFrame(rows)
+    coldit_flops = (table["steps"] * table["GFLOP/step"]).iloc[:2].sum()
+    unet_steps = math.ceil(coldit_flops / table["GFLOP/step"].iloc[2])
+    table.loc[2, "steps"] = unet_steps
+    table["TFLOP"] = table["steps"] * table["GFLOP/step"] / 1e3
+    return ComputeBudget(table, unet_steps)
 
 
 # --------------------------------------------------------------------------- the autoencoder

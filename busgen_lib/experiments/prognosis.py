@@ -205,6 +205,36 @@ def scores_frame(result: TaskResult) -> pd.DataFrame:
                                     "score": s, "seed": 0}) for name, s in result.scores.items()], ignore_index=True)
 
 
+# --------------------------------------------------------------------------- what the phantom's cues allow
+
+CUE_MEASURES = ("lesion echo (darker: positive)", "lesion area (larger: positive)")
+
+
+def cue_scores(images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+    """Two single measures of the phantom's drawn cues per image (N, H, W) and lesion mask (N, H, W): the negated
+    mean grey level inside the mask (TNBC-like lesions are drawn markedly hypoechoic) and the mask's share of the
+    image (node-positive lesions are drawn larger). Signs are fixed by the phantom's rules, not fitted."""
+    inside = masks.reshape(len(masks), -1).astype(bool)
+    pixels = images.reshape(len(images), -1)
+    area = inside.mean(axis=1)
+    echo = np.array([p[m].mean() if m.any() else np.nan for p, m in zip(pixels, inside)])
+    if np.isnan(echo).any():
+        raise DataError(f"{int(np.isnan(echo).sum())} images have an empty lesion mask; the cue measures need one")
+    return dict(zip(CUE_MEASURES, (-echo, area)))
+
+
+def cue_reference(result: TaskResult, size: int) -> pd.DataFrame:
+    """AUC (DeLong 95% CI) of each single cue measure on the held-out images at `size` px: what reading one drawn
+    cue, with its sign known in advance, achieves on the same rows as the models (a reference, not a model)."""
+    images = load_images(result.test, size)[:, 0].numpy()
+    masks = load_masks(result.test, size).numpy()
+    rows = []
+    for name, score in cue_scores(images, masks).items():
+        auc, lo, hi = delong_ci(result.y, score)
+        rows.append({"measure": name, "n": len(result.y), "auc": auc, "ci_lo": lo, "ci_hi": hi})
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------- Fig 5c-d: embeddings
 
 def embedding_study(results: Mapping[str, TaskResult], n_boot: int = 1000, seed: int = 0
