@@ -364,7 +364,7 @@ COLDIT: dict[str, ColditSettings] = {
                                           checkpoint_every=50),
                            dit_train=dict(steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=30,
                                           checkpoint_every=100),
-                           compared_samples=128),
+                           compared_samples=64),
     "paper": ColditSettings(vae_channels=(128, 256, 512, 512), latent_channels=4, kl_weight=1e-6,
                             dit_layers=12, dit_heads=12, dit_head_dim=64, patch_size=2, norm_num_groups=32,
                             vae_train=dict(steps=100_000, batch_size=32, learning_rate=1e-4, warmup_steps=1000,

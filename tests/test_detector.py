@@ -272,3 +272,32 @@ def test_head_sizes_and_proposal_counts_reach_the_model():
     assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 16
     assert model.rpn.fg_bg_sampler.batch_size_per_image == 32
     assert model.rpn._pre_nms_top_n == {"training": 50, "testing": 20} == model.rpn._post_nms_top_n
+
+
+def test_training_steps_count_the_optimiser_steps_train_detector_takes(tmp_path, monkeypatch):
+    from busgen_lib.downstream import detector as detector_module
+    from busgen_lib.downstream.detector import training_steps
+
+    taken = []
+
+    class CountingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            taken.append(1)
+            return super().step(closure)
+
+    monkeypatch.setattr(detector_module.torch.optim, "AdamW", CountingAdamW)
+    torch.set_num_threads(1)
+    train = squares(tmp_path, 11, seed=4)  # 11 images in batches of 4: 3 batches per epoch, the last partial
+    short = dict(TINY, epochs=2, batch_size=4)
+    train_detector(train, "smoke", seed=0, progress=False, **short)
+    assert len(taken) == training_steps(train, "smoke", **short) == 6
+
+
+def test_the_step_matched_control_trains_at_least_as_long_as_the_augmented_arm(tmp_path):
+    from busgen_lib.downstream.detector import training_steps
+    from busgen_lib.experiments.screening import step_matched_epochs
+
+    real, augmented = squares(tmp_path, 20, seed=5), squares(tmp_path, 52, seed=6)
+    epochs = step_matched_epochs(real, augmented, "smoke")
+    reference = training_steps(augmented, "smoke")
+    assert training_steps(real, "smoke", epochs=epochs) >= reference > training_steps(real, "smoke", epochs=epochs - 1)

@@ -170,6 +170,12 @@ class Detector:
         return cls(model, settings, meta["profile"], meta["seed"], meta["train_fingerprint"])
 
 
+def training_steps(train_df: pd.DataFrame, profile: str, **overrides) -> int:
+    """Optimiser steps `train_detector` takes on these rows: epochs x batches per epoch (the last batch partial)."""
+    settings = detector_settings(profile, **overrides)
+    return settings.epochs * math.ceil(len(scorable_rows(train_df)) / settings.batch_size)
+
+
 def train_detector(train_df: pd.DataFrame, profile: str, seed: int = 0, progress: bool = True,
                    **overrides) -> Detector:
     """Train Faster R-CNN from scratch on manifest rows (images with and without lesions), §4.4.1.

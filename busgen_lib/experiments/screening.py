@@ -10,6 +10,7 @@ rerun evaluates without retraining and a killed run loses one detector at most.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -18,26 +19,38 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from busgen_lib.downstream.detector import train_detector
+from busgen_lib.downstream.detector import train_detector, training_steps
 from busgen_lib.evaluate.detection import Prediction, evaluate_detection, paired_bootstrap_p
 from busgen_lib.evaluate.scaling import mean_ci
 from busgen_lib.experiments.generalisation import digest
 from busgen_lib.profiles import detector_settings
 
 
+def step_matched_epochs(df: pd.DataFrame, reference_df: pd.DataFrame, profile: str) -> int:
+    """Epochs on `df` that take at least as many optimiser steps as the profile's run on `reference_df`: the
+    control that gives the real arm the augmented arm's training length (more data also means more steps)."""
+    per_epoch = training_steps(df, profile, epochs=1)
+    return math.ceil(training_steps(reference_df, profile) / per_epoch)
+
+
 def detection_runs(arms: Mapping[str, pd.DataFrame], test_df: pd.DataFrame, seeds: Sequence[int], profile: str,
-                   out_dir: str | Path, progress: bool = True) -> dict[tuple[str, int], list[Prediction]]:
-    """Test-set predictions of one detector per (arm, seed), trained now or read back from `out_dir`."""
+                   out_dir: str | Path, progress: bool = True, overrides: Mapping[str, dict] | None = None
+                   ) -> dict[tuple[str, int], list[Prediction]]:
+    """Test-set predictions of one detector per (arm, seed), trained now or read back from `out_dir`; `overrides`
+    gives an arm its own detector settings (e.g. `{"real, as many steps": {"epochs": 9}}`)."""
     out_dir, runs = Path(out_dir), {}
     test_stamp = digest(test_df)
-    settings = json.loads(json.dumps(asdict(detector_settings(profile))))   # as JSON gives it back (lists)
     for arm, seed in tqdm([(a, s) for a in arms for s in seeds], desc="detectors", disable=not progress):
-        path = out_dir / arm.replace(" ", "") / f"seed{seed}.json"
+        arm_overrides = (overrides or {}).get(arm, {})
+        # as JSON gives it back (lists)
+        settings = json.loads(json.dumps(asdict(detector_settings(profile, **arm_overrides))))
+        path = out_dir / arm.replace(" ", "").replace(",", "") / f"seed{seed}.json"
         stamp = {"train": digest(arms[arm]), "test": test_stamp, "seed": int(seed), "settings": settings}
         if path.exists() and (saved := json.loads(path.read_text()))["stamp"] == stamp:
             runs[(arm, seed)] = [{k: np.asarray(v) for k, v in p.items()} for p in saved["predictions"]]
             continue
-        predictions = train_detector(arms[arm], profile, seed=int(seed), progress=False).predict(test_df)
+        predictions = train_detector(arms[arm], profile, seed=int(seed), progress=False,
+                                     **arm_overrides).predict(test_df)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"stamp": stamp, "predictions": [{k: np.asarray(v).tolist() for k, v in p.items()}
