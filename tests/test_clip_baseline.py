@@ -115,3 +115,16 @@ def test_baseline_clip_starts_from_given_weights(bright_dark, tmp_path, monkeypa
     trunk = {k: v for k, v in model.network.state_dict().items() if not k.startswith("head.")}
     assert all(torch.equal(v, foreign[f"visual.trunk.{k}"]) for k, v in trunk.items())
     assert model.record["clip"]["weights"]["path"].endswith("mine.pt")
+
+
+def test_baseline_clip_takes_a_study_backbone_for_its_image_tower(bright_dark, tmp_path):
+    torch.set_num_threads(1)
+    train, test = bright_dark[bright_dark.split == "train"], bright_dark[bright_dark.split == "test"]
+    task = Task.parse("benign-malignant")
+    model = train_baseline_clip(train, task, "smoke", seed=0, epochs=12, backbone="test_resnet")
+    assert model.record["backbone"] == "test_resnet"
+    rows, y = task.select(test)
+    score = model.predict_proba(rows)
+    assert roc_auc_score(y, score) >= 0.95
+    loaded = DiagnosticModel.load(model.save(tmp_path / "clip_cnn"), task=task)
+    np.testing.assert_array_equal(loaded.predict_proba(rows), score)

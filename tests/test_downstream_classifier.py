@@ -195,3 +195,17 @@ def test_select_dir_cross_validates_each_training_set_once_and_trains_every_seed
     assert table.loc[1e-3, "chosen"] and not table.loc[1e-7, "chosen"] and table["n_train"].eq(len(train)).all()
     fit(train, 4)
     assert len(calls) == 2 * 2 + 2 and calls[-1] == (len(train), 1e-3, EPOCHS)   # the choice is kept, not redone
+
+
+def test_a_study_backbone_replaces_the_profiles_and_round_trips(bright_dark, tmp_path):
+    torch.set_num_threads(1)
+    task = Task.parse("benign-malignant")
+    train, test = bright_dark[bright_dark.split == "train"], bright_dark[bright_dark.split == "test"]
+    model = train_classifier(train, task, "smoke", seed=0, epochs=EPOCHS, backbone="test_resnet")
+    assert (model.record["backbone"], model.record["backbone_kwargs"]) == ("test_resnet", {})
+    assert get_downstream("smoke").backbone != "test_resnet"  # the profile itself is unchanged
+    rows, y = task.select(test)
+    score = model.predict_proba(rows)
+    assert roc_auc_score(y, score) >= 0.95
+    loaded = DiagnosticModel.load(model.save(tmp_path / "cnn"), task=task)
+    np.testing.assert_array_equal(loaded.predict_proba(rows), score)

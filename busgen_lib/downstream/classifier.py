@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,13 @@ from busgen_lib.profiles import DownstreamProfile, get_downstream
 
 WEIGHTS, RECORD = "model.safetensors", "model.json"
 PREDICT_BATCH = 64
+
+
+def downstream_settings(profile: str, backbone: str | None = None) -> DownstreamProfile:
+    """The profile's downstream settings; with `backbone`, that timm model at its own defaults instead (a study
+    whose training sets are too small for the profile's ViT trained from scratch, e.g. few-shot DCIS)."""
+    settings = get_downstream(profile)
+    return settings if backbone is None else replace(settings, backbone=backbone, backbone_kwargs={})
 
 
 def create_backbone(backbone: str, backbone_kwargs: dict, num_classes: int = 2) -> torch.nn.Module:
@@ -118,13 +125,14 @@ def make_record(kind: str, task: Task, settings: DownstreamProfile, profile: str
 
 def train_classifier(train_df: pd.DataFrame, task: Task, profile: str, seed: int = 0, lr: float | None = None,
                      epochs: int | None = None, sources: Sequence[str | Path] = (),
-                     progress: bool = False) -> DiagnosticModel:
+                     progress: bool = False, backbone: str | None = None) -> DiagnosticModel:
     """BUS-DM: a profile backbone trained from scratch on the task's rows of `train_df` (deterministic per seed).
 
     `lr`/`epochs` default to the profile's recipe (use `cross_validate` to choose
-    them); `sources` are the manifest files recorded with the model.
+    them); `sources` are the manifest files recorded with the model; `backbone`
+    replaces the profile's (`downstream_settings`).
     """
-    settings = get_downstream(profile)
+    settings = downstream_settings(profile, backbone)
     lr, epochs = lr if lr is not None else settings.lr, epochs if epochs is not None else settings.epochs
     rows, y = task.select(train_df)
     images = as_inputs(rows, settings.input_size)

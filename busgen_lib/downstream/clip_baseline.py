@@ -23,7 +23,8 @@ from open_clip.factory import load_checkpoint
 from open_clip.loss import ClipLoss
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-from busgen_lib.downstream.classifier import DiagnosticModel, create_backbone, fit_classifier, make_record
+from busgen_lib.downstream.classifier import (DiagnosticModel, create_backbone, downstream_settings, fit_classifier,
+                                              make_record)
 from busgen_lib.downstream.tasks import Task
 from busgen_lib.data.manifest import rows_fingerprint
 from busgen_lib.downstream.training import (as_inputs, augment_batch, classification_augment, file_sha256,
@@ -129,15 +130,16 @@ def pretrain_clip(model: open_clip.CLIP, images: torch.Tensor, reports: Sequence
 def train_baseline_clip(train_df: pd.DataFrame, task: Task, profile: str, seed: int = 0, lr: float | None = None,
                         epochs: int | None = None, sources: Sequence[str | Path] = (),
                         pretrain_df: pd.DataFrame | None = None, clip_weights: str | Path | None = None,
-                        progress: bool = False) -> DiagnosticModel:
+                        progress: bool = False, backbone: str | None = None) -> DiagnosticModel:
     """Baseline-CLIP for `task`: contrastive pretraining on reports, then fine-tuning the image trunk + linear head.
 
     Pretraining uses every row of `pretrain_df` (default: all rows of
     `train_df`, normal images included: a report needs no task label), starting
     from `clip_weights` when given. Fine-tuning follows BUS-DM's recipe
-    (`lr`/`epochs` default to the profile's) on the task's rows of `train_df`.
+    (`lr`/`epochs` default to the profile's) on the task's rows of `train_df`. `backbone` replaces the profile's
+    image tower (`classifier.downstream_settings`), as for BUS-DM.
     """
-    settings = get_downstream(profile)
+    settings = downstream_settings(profile, backbone)
     lr, epochs = lr if lr is not None else settings.lr, epochs if epochs is not None else settings.epochs
     corpus = train_df if pretrain_df is None else pretrain_df
     torch.manual_seed(seed)
