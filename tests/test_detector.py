@@ -301,3 +301,20 @@ def test_the_step_matched_control_trains_at_least_as_long_as_the_augmented_arm(t
     epochs = step_matched_epochs(real, augmented, "smoke")
     reference = training_steps(augmented, "smoke")
     assert training_steps(real, "smoke", epochs=epochs) >= reference > training_steps(real, "smoke", epochs=epochs - 1)
+
+
+def test_the_detection_figure_draws_every_arms_seeds_and_the_papers_values_where_it_has_them():
+    from matplotlib.collections import PathCollection
+
+    from busgen_lib.experiments.screening import PAPER_AP, detection_figure
+
+    arms = ["real", "real + generated", "real, as many steps"]
+    per_seed = pd.DataFrame([{"arm": a, "seed": s, **{f"{m}{suffix}": 0.5 + 0.1 * k + shift
+                                                        for m in PAPER_AP for suffix, shift in
+                                                        (("", 0.0), ("_lo", -0.05), ("_hi", 0.05))}}
+                             for k, a in enumerate(arms) for s in (0, 1)])
+    fig = detection_figure(per_seed)
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["real", "real + generated", "real,\nas many steps"]
+        points = [c.get_offsets().shape[0] for c in ax.collections if isinstance(c, PathCollection)]
+        assert sorted(points) == [1, 1, 2, 2, 2]  # two seeds for each of 3 arms, a paper star for 2 of them

@@ -15,15 +15,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
+
+from busgen_lib import plotting
 
 from busgen_lib.downstream.detector import train_detector, training_steps
 from busgen_lib.evaluate.detection import Prediction, evaluate_detection, paired_bootstrap_p
 from busgen_lib.evaluate.scaling import mean_ci
 from busgen_lib.experiments.generalisation import digest
 from busgen_lib.profiles import detector_settings
+
+# The paper's Fig 3b-c: AP at IoU 0.5 overall and for the smallest 30% of lesions, baseline vs BUS-DM.
+PAPER_AP = {"ap50_small": {"real": 0.657, "real + generated": 0.702}, "ap50": {"real": 0.912, "real + generated": 0.934}}
 
 
 def step_matched_epochs(df: pd.DataFrame, reference_df: pd.DataFrame, profile: str) -> int:
@@ -78,3 +84,25 @@ def detection_table(runs: Mapping[tuple[str, int], list[Prediction]], test_df: p
             row |= dict(zip((metric, f"{metric}_lo", f"{metric}_hi"), mean_ci(g[metric].to_numpy())))
         summary.append(row)
     return per_seed, pd.DataFrame(summary)
+
+
+def detection_figure(per_seed: pd.DataFrame) -> plt.Figure:
+    """Fig 3b-c: AP50 small and AP50 per arm, one dot per seed, the mean image-bootstrap CI as a bar, and the
+    paper's value as a star for the arms it has."""
+    arms = list(dict.fromkeys(per_seed["arm"]))
+    fig, axes = plt.subplots(1, 2, figsize=(6.4, 2.8), sharey=True)
+    for ax, (metric, paper) in zip(axes, PAPER_AP.items()):
+        for k, arm in enumerate(arms):
+            g = per_seed[per_seed["arm"] == arm]
+            colour = plotting.PALETTE["generated" if "generated" in arm else "real"]
+            ax.scatter(np.full(len(g), k), g[metric], color=colour, zorder=3)
+            mean = g[metric].mean()
+            error = np.nan_to_num([[mean - g[f"{metric}_lo"].mean()], [g[f"{metric}_hi"].mean() - mean]])
+            ax.errorbar(k, mean, yerr=error, fmt="_", color="k", capsize=4)
+            if arm in paper:
+                ax.scatter(k + 0.25, paper[arm], marker="*", color="#999999", label="paper" if k == 0 else None)
+        ax.set(xticks=range(len(arms)), xticklabels=[a.replace(", ", ",\n") for a in arms],
+               title=metric.replace("ap50", "AP@0.5").replace("_small", " small"))
+    axes[0].set_ylabel("average precision")
+    axes[0].legend(fontsize=6)
+    return fig
