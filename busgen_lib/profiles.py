@@ -308,17 +308,19 @@ class PrognosisSettings:
     saliency_images: int      # positive held-out images whose GradCAM shares are measured
     n_boot: int = 1000        # bootstrap replicates of the clustering-score and saliency-share CIs (§4.5)
     backbone: str | None = None  # BUS-DM's and Baseline-CLIP's timm backbone; None: the profile's (as EarlyDiagnosis)
+    epochs: int | None = None    # training (fine-tuning) epochs of both models; None: the profile's
 
 
 PROGNOSIS: dict[str, PrognosisSettings] = {
     "smoke": PrognosisSettings(real_train=24, shots=4, adapt_steps=8, generated_per_class=8, clip_corpus=200,
                                band_px=1, saliency_images=4, n_boot=50),
-    # demo, ~12 min on one thread by parts: measured (demo phantom, one thread, machine at load ~4) Baseline-CLIP on
-    # 400 reports + 200 fine-tuning images 44 CPU-s, BUS-DM on 200 images 13 CPU-s, clustering scores with 1,000
-    # replicates on 217 x 96 features 9 CPU-s per model; estimated from notebook 02's demo times (README) 4 adapters
-    # x 150 steps ~5 min and 4 x 80 generated images ~3.5 min. The whole notebook is not yet measured under demo.
+    # demo: notebook 08 ran in 14.3 min from nothing, alone on the 2-core machine (per task: 2 adapters x 150 steps
+    # 3.4 min, 2 x 80 generated images 0.8 min, BUS-DM 1.2 min, Baseline-CLIP 1.1 min; embeddings 1.0 min).
+    # 40 epochs: measured on one thread (seed 0, held-out AUC; training AUC), 10 -> 40 epochs moved TNBC BUS-DM
+    # 0.682 -> 0.782 (0.80 -> 0.97), Baseline-CLIP 0.374 -> 0.704 (0.73 -> 0.96); ALN BUS-DM 0.572 -> 0.583, CLIP
+    # 0.671 -> 0.629 (0.67 -> 0.82). Both models of a task cost ~100 -> ~240 CPU-s.
     "demo": PrognosisSettings(real_train=200, shots=34, adapt_steps=150, generated_per_class=80, clip_corpus=400,
-                              band_px=3, saliency_images=40, backbone="resnet10t"),
+                              band_px=3, saliency_images=40, backbone="resnet10t", epochs=40),
     "paper": PrognosisSettings(real_train=423, shots=60, adapt_steps=5000, generated_per_class=5000,
                                clip_corpus=100_000, band_px=8, saliency_images=200),
 }

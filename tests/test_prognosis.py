@@ -69,7 +69,7 @@ def test_auc_table_gives_sklearns_auc_a_bracketing_ci_and_the_paired_p_for_bus_d
     assert table.loc[CLIP, "paper"] == "0.723 (0.648–0.795)"
 
 
-def test_a_trained_model_is_read_back_only_for_the_same_rows_and_backbone(tmp_path, monkeypatch, one_thread):
+def test_a_trained_model_is_read_back_only_for_the_same_rows_backbone_and_epochs(tmp_path, monkeypatch, one_thread):
     from busgen_lib.data.manifest import read_manifest
     from busgen_lib.downstream.tasks import Task
     from busgen_lib.experiments import prognosis
@@ -90,6 +90,9 @@ def test_a_trained_model_is_read_back_only_for_the_same_rows_and_backbone(tmp_pa
         prognosis.trained_model(BUS_DM, train.iloc[:-2], task, "smoke", tmp_path / "model")
     with pytest.raises(AssertionError, match="retrained"):  # another backbone: not reused either
         prognosis.trained_model(BUS_DM, train, task, "smoke", tmp_path / "model", backbone="test_resnet")
+    with pytest.raises(AssertionError, match="retrained"):  # other epochs than the profile's 2: not reused
+        prognosis.trained_model(BUS_DM, train, task, "smoke", tmp_path / "model", epochs=3)
+    prognosis.trained_model(BUS_DM, train, task, "smoke", tmp_path / "model", epochs=2)  # the profile's, named: read back
 
 
 def test_cue_scores_are_the_masked_mean_and_area():

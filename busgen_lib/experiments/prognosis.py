@@ -127,23 +127,27 @@ def generated_set(base_dir: str | Path, adapters: Mapping[int, Path], task: Task
 
 
 def trained_model(kind: str, train: pd.DataFrame, task: Task, profile: str, out_dir: str | Path, seed: int = 0,
-                  pretrain_df: pd.DataFrame | None = None, backbone: str | None = None) -> DiagnosticModel:
-    """BUS-DM or Baseline-CLIP trained on `train` (on `backbone`, default the profile's), read back from `out_dir`
-    when its record matches these rows, seed, profile and backbone."""
+                  pretrain_df: pd.DataFrame | None = None, backbone: str | None = None, epochs: int | None = None
+                  ) -> DiagnosticModel:
+    """BUS-DM or Baseline-CLIP trained on `train` (on `backbone` for `epochs`, default the profile's), read back from
+    `out_dir` when its record matches these rows, seed, profile, backbone and epochs."""
     out_dir = Path(out_dir)
     rows, _ = task.select(train)
+    settings = downstream_settings(profile, backbone)
     if (out_dir / "model.json").exists():
         model = DiagnosticModel.load(out_dir, task)
         same_clip = pretrain_df is None or model.record.get("clip", {}).get("pretrain_rows_sha256") == rows_fingerprint(
             pretrain_df)
         if (model.record["train_rows_sha256"] == rows_fingerprint(rows) and model.record["seed"] == seed
                 and model.record["profile"] == profile and same_clip
-                and model.record["backbone"] == downstream_settings(profile, backbone).backbone):
+                and model.record["backbone"] == settings.backbone
+                and model.record["epochs"] == (epochs or settings.epochs)):
             return model
     if kind == BUS_DM:
-        model = train_classifier(train, task, profile, seed=seed, backbone=backbone)
+        model = train_classifier(train, task, profile, seed=seed, backbone=backbone, epochs=epochs)
     else:
-        model = train_baseline_clip(train, task, profile, seed=seed, pretrain_df=pretrain_df, backbone=backbone)
+        model = train_baseline_clip(train, task, profile, seed=seed, pretrain_df=pretrain_df, backbone=backbone,
+                                    epochs=epochs)
     model.save(out_dir)
     return model
 
@@ -162,8 +166,8 @@ class TaskResult:
 
 def run_task(task_name: str, real_df: pd.DataFrame, base_dir: str | Path, profile: str, out_dir: str | Path, *,
              n_real: int, shots: int, n_generated: int, clip_corpus: int, seed: int = 0,
-             adapt_steps: int | None = None, sampling: Mapping | None = None, backbone: str | None = None
-             ) -> TaskResult:
+             adapt_steps: int | None = None, sampling: Mapping | None = None, backbone: str | None = None,
+             epochs: int | None = None) -> TaskResult:
     """Adapt, generate, train BUS-DM (real + generated) and Baseline-CLIP (real), and score the held-out splits."""
     task, out_dir = TASKS[task_name], Path(out_dir) / task_name
     rows = task_rows(real_df)
@@ -172,9 +176,10 @@ def run_task(task_name: str, real_df: pd.DataFrame, base_dir: str | Path, profil
     generated = generated_set(base_dir, adapters, task, n_generated, out_dir / "generated", seed, **(sampling or {}))
     real_train = absolute(train)
     corpus = absolute(few_shot(real_df, clip_corpus, seed, allow_fewer=True))  # train split, spread over patients
+    recipe = {"backbone": backbone, "epochs": epochs}
     models = {BUS_DM: trained_model(BUS_DM, combine(real_train, generated), task, profile, out_dir / "bus_dm", seed,
-                                    backbone=backbone),
-              CLIP: trained_model(CLIP, real_train, task, profile, out_dir / "baseline_clip", seed, corpus, backbone)}
+                                    **recipe),
+              CLIP: trained_model(CLIP, real_train, task, profile, out_dir / "baseline_clip", seed, corpus, **recipe)}
     test_rows = rows[rows["split"].astype(str).isin(HELD_OUT)]
     test_rows.attrs = dict(real_df.attrs)
     test, y = task.select(test_rows)
