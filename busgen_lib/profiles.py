@@ -243,18 +243,24 @@ class StudySettings:
     detector_repeats: int           # seeds per detector arm (Fig 3b-c): detectors cost the most
     shortcut_strength: float = 0.8  # phi between pathology and device group in the biased training set
     external_devices: int = 4       # phantom devices held out as "other hospitals" (internal vs external, Fig 4f-g)
+    # The lever study of the real-data design (notebook 07, experiments/levers.py): generated-set sizes and
+    # guidance weights tried beside lodo_generated and the sampling default, one knob at a time.
+    lever_images: tuple[int, ...] = ()
+    lever_guidance: tuple[float, ...] = ()
 
 
 STUDY: dict[str, StudySettings] = {
     "smoke": StudySettings(held_out=("busi",), lodo_generated=32, phantom_generated=160,
-                           scaling_sizes=(8, 16, 32), detector_repeats=1),
+                           scaling_sizes=(8, 16, 32), detector_repeats=1, lever_images=(16, 64),
+                           lever_guidance=(0.0,)),
     # demo: one held-out set (BUSI, the paper's Fig 4e set): a BUS-DM fit of ~1,000 images costs ~2 CPU-minutes
     # on the 2-core machine, and the study trains 3 arms x 3 seeds of BUS-DM plus Baseline-CLIP per fold.
     "demo": StudySettings(held_out=("busi",), lodo_generated=600, phantom_generated=1000,
-                          scaling_sizes=(50, 100, 200, 400, 800), detector_repeats=2),
+                          scaling_sizes=(50, 100, 200, 400, 800), detector_repeats=2,
+                          lever_images=(300, 1200, 2400), lever_guidance=(0.0, 3.5)),
     "paper": StudySettings(held_out=("busi", "bus_uclm", "breast_lesions_usg"), lodo_generated=20_000,
                            phantom_generated=100_000, scaling_sizes=(1_000, 3_000, 10_000, 30_000, 100_000),
-                           detector_repeats=5),
+                           detector_repeats=5, lever_images=(5_000, 80_000), lever_guidance=(0.0, 3.5)),
 }
 
 

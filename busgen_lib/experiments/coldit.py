@@ -62,6 +62,20 @@ def step_flops(model: torch.nn.Module, loss_fn: LossFn, batch: dict[str, torch.T
     return counter.get_total_flops()
 
 
+def batch_flops(model: torch.nn.Module, loss_fn: LossFn, dataset, batch_size: int) -> int:
+    """`step_flops` on the first batch of `dataset` (its tensors; names and paths stay out)."""
+    batch = next(iter(DataLoader(dataset, batch_size=batch_size)))
+    return step_flops(model, loss_fn, {k: v for k, v in batch.items() if torch.is_tensor(v)})
+
+
+def unet_step_flops(df: pd.DataFrame, profile: str) -> int:
+    """Training FLOPs of one BUSGen UNet step under `profile`, on a batch of `df` as `pretrain` builds it."""
+    config = train_config(profile)
+    dataset = train_dataset(df, profile, config)[0]
+    unet = BUSGenUNet(**config_for_profile(profile, dataset.device_vocab)).train()
+    return batch_flops(unet, diffusion_objective(unet), dataset, config.batch_size)
+
+
 def compute_budget(manifest: str | Path, profile: str) -> ComputeBudget:
     """The UNet training steps whose FLOPs equal CoLDiT's autoencoder + DiT stages under `profile`, each network
     counted on a real batch of the manifest as `pretrain` builds it (freshly initialised: FLOPs do not depend on
@@ -72,8 +86,7 @@ def compute_budget(manifest: str | Path, profile: str) -> ComputeBudget:
     rows = []
 
     def count(network: str, config, model: torch.nn.Module, loss_fn: LossFn, dataset) -> None:
-        batch = next(iter(DataLoader(dataset, batch_size=config.batch_size)))
-        flops = step_flops(model, loss_fn, {k: v for k, v in batch.items() if torch.is_tensor(v)})
+        flops = batch_flops(model, loss_fn, dataset, config.batch_size)
         rows.append({"network": network, "steps": config.steps, "batch": config.batch_size, "GFLOP/step": flops / 1e9})
 
     for network, overrides, frozen, loss_fn in (
@@ -85,9 +98,8 @@ def compute_budget(manifest: str | Path, profile: str) -> ComputeBudget:
         frozen.requires_grad_(False)  # as in `pretrain`: one stage trains, the other network is frozen
         count(network, config, coldit_model, loss_fn, train_dataset(df, profile, config, birads=True)[0])
     config = train_config(profile)
-    dataset = train_dataset(df, profile, config)[0]
-    unet = BUSGenUNet(**config_for_profile(profile, dataset.device_vocab)).train()
-    count("BUSGen UNet", config, unet, diffusion_objective(unet), dataset)
+    rows.append({"network": "BUSGen UNet", "steps": config.steps, "batch": config.batch_size,
+                 "GFLOP/step": unet_step_flops(df, profile) / 1e9})
     table = pd.DataFrame(rows)
     coldit_flops = (table["steps"] * table["GFLOP/step"]).iloc[:2].sum()
     unet_steps = math.ceil(coldit_flops / table["GFLOP/step"].iloc[2])

@@ -1,0 +1,183 @@
+"""Which generation lever moves the external AUC most per CPU-minute (the real-data study of notebook 07).
+
+The generated arm of the leave-one-dataset-out study has knobs: how many images are generated, the guidance
+weight, how long the generator trained. A `Lever` is one setting of them. `lever_scores` samples each lever's set
+(`pipeline.sample_dataset`, resumable) and trains BUS-DM on it with every seed through
+`generalisation.score_arms` (stamped, resumable). `lever_costs` counts what a setting costs in FLOPs with torch's
+`FlopCounterMode` — the generator's training steps, sampling one image, one classifier step per image — so the
+costs are the same on every machine and after a resumed run. `lever_table` sets each lever's external AUC gain
+over the reference lever, paired by seed, against its extra cost, converted to CPU-minutes at a rate measured on
+this machine (`sampling_rate`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from busgen_lib import plotting
+from busgen_lib.data.manifest import read_manifest
+from busgen_lib.diffusion import pipeline
+from busgen_lib.diffusion.checkpoint import load_generator
+from busgen_lib.diffusion.model import SAMPLING_DEFAULTS
+from busgen_lib.diffusion.plan import Request
+from busgen_lib.downstream.classifier import create_backbone, downstream_settings
+from busgen_lib.errors import DataError, UsageError
+from busgen_lib.evaluate.scaling import mean_ci
+from busgen_lib.evaluate.stats import paired_differences
+from busgen_lib.evaluate.training import TrainFn
+from busgen_lib.experiments.coldit import step_flops, unet_step_flops
+from busgen_lib.experiments.generalisation import TASK, absolute, auc_by_seed, score_arms, task_rows
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One setting of the generated arm: which generator, how many images, sampled how."""
+
+    name: str
+    generator: Path                # a BUSGen model folder (the model/ folder of a pretrain run)
+    n: int                         # generated images
+    sampling: Mapping = field(default_factory=dict)  # sample_dataset's sampler, steps, order, guidance
+
+
+def generator_steps(model_dir: str | Path) -> int:
+    """The training steps of a pretrain run, from the run.json beside its model/ folder."""
+    record = Path(model_dir).parent / "run.json"
+    if not record.exists():
+        raise DataError(f"{model_dir}: no run.json in its run folder; is this the model/ folder of a pretrain run?")
+    return int(json.loads(record.read_text())["steps"])
+
+
+def lever_sets(levers: Sequence[Lever], out_dir: str | Path, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Each lever's generated benign/malignant rows, sampled under `out_dir` (resumable).
+
+    Levers that differ only in `n` share one sample of the largest n: a balanced
+    plan's request i and its image depend on (seed, i) alone (`plan.balanced_plan`,
+    per-sample noise), so the first n rows of a larger set are the set of n.
+    """
+    names = [lever.name for lever in levers]
+    if len(set(names)) != len(names):
+        raise UsageError(f"lever names must differ, got {names}")
+    groups: dict[tuple[Path, str], list[Lever]] = {}
+    for lever in levers:
+        groups.setdefault((Path(lever.generator), json.dumps(dict(lever.sampling), sort_keys=True)), []).append(lever)
+    sets = {}
+    for (generator, sampling), members in groups.items():
+        options = json.loads(sampling)
+        folder = "-".join([generator.parent.name, *(f"{k}{v}" for k, v in sorted(options.items()))])
+        manifest = pipeline.sample_dataset(generator, max(lever.n for lever in members), Path(out_dir) / folder,
+                                           pathologies=TASK, seed=seed, **options)
+        rows = task_rows(absolute(read_manifest(manifest)))
+        for lever in members:
+            sets[lever.name] = rows[rows["index"].astype(int) < lever.n].reset_index(drop=True)
+    return sets
+
+
+def lever_scores(sets: Mapping[str, pd.DataFrame], tests: Mapping[str, pd.DataFrame], train_fn: TrainFn,
+                 seeds: Sequence[int], out_dir: str | Path) -> pd.DataFrame:
+    """Per-seed AUC of BUS-DM trained on each lever's set, on every test (`generalisation.auc_by_seed`)."""
+    return auc_by_seed(score_arms(sets, tests, train_fn, seeds, out_dir, model_name="levers", progress=False))
+
+
+# --------------------------------------------------------------------------- costs
+
+def sampling_flops(model_dir: str | Path, sampling: Mapping) -> int:
+    """FLOPs of sampling one image from `model_dir` with `sampling` (the network's convolutions and matmuls)."""
+    model = load_generator(model_dir)
+    request = Request(index=0, seed=0, pathology="malignant", device="", boxes=[(0.3, 0.3, 0.6, 0.6)])
+    with FlopCounterMode(display=False) as counter:
+        pipeline.sample_images(model, [request], progress=False, **_sampling(model, sampling))
+    return counter.get_total_flops()
+
+
+def sampling_rate(model_dir: str | Path, sampling: Mapping, n: int = 8) -> float:
+    """FLOP/s of this machine's process CPU time, sampling `n` images from `model_dir`: converts FLOPs to CPU-s."""
+    model = load_generator(model_dir)
+    requests = [Request(index=i, seed=i, pathology="benign", device="", boxes=[(0.3, 0.3, 0.6, 0.6)])
+                for i in range(n)]
+    start = time.process_time()
+    pipeline.sample_images(model, requests, batch_size=n, progress=False, **_sampling(model, sampling))
+    seconds = time.process_time() - start
+    return n * sampling_flops(model_dir, sampling) / seconds
+
+
+def _sampling(model, sampling: Mapping) -> dict:
+    """`sampling` completed with the model profile's defaults (as `sample_dataset` completes it)."""
+    defaults = SAMPLING_DEFAULTS[model.config.profile]
+    return {"sampler": defaults.sampler, "steps": defaults.steps, "order": defaults.order,
+            "guidance": defaults.guidance} | dict(sampling)
+
+
+def classifier_flops_per_image(profile: str, backbone: str | None = None) -> float:
+    """Forward + backward FLOPs of BUS-DM's training on one image (one batch of the profile's size, divided)."""
+    settings = downstream_settings(profile, backbone)
+    network = create_backbone(settings.backbone, settings.backbone_kwargs).train()
+    x = torch.zeros(settings.batch_size, 1, settings.input_size, settings.input_size)
+    y = torch.zeros(settings.batch_size, dtype=torch.int64)
+    return step_flops(network, lambda m, b: F.cross_entropy(m(b["x"]), b["y"]), {"x": x, "y": y}) / settings.batch_size
+
+
+def lever_costs(levers: Sequence[Lever], pool: str | Path, profile: str, epochs: int | None = None,
+                backbone: str | None = None) -> pd.DataFrame:
+    """TFLOP per lever: the generator's training (steps x one step on a batch of `pool`), sampling its images,
+    and one BUS-DM training run on them (`epochs`, default the profile's; an epoch is one pass of len(set) draws)."""
+    step = unet_step_flops(read_manifest(pool), profile)
+    per_image = classifier_flops_per_image(profile, backbone)
+    epochs = epochs or downstream_settings(profile, backbone).epochs
+    rows = []
+    for lever in levers:
+        rows.append({"lever": lever.name, "generator TFLOP": generator_steps(lever.generator) * step / 1e12,
+                     "sampling TFLOP": lever.n * sampling_flops(lever.generator, lever.sampling) / 1e12,
+                     "BUS-DM TFLOP": lever.n * epochs * per_image / 1e12})
+    table = pd.DataFrame(rows)
+    table["total TFLOP"] = table[["generator TFLOP", "sampling TFLOP", "BUS-DM TFLOP"]].sum(axis=1)
+    return table
+
+
+# --------------------------------------------------------------------------- the table
+
+def lever_table(per_seed: pd.DataFrame, costs: pd.DataFrame, reference: str, rate: float, test: str = "external",
+                level: float = 0.95) -> pd.DataFrame:
+    """Per lever: the `test` AUC (mean over seeds, t-interval), its gain over `reference` paired by seed (mean,
+    t-interval, paired t-test P, Wilcoxon P), its extra cost in CPU-minutes at `rate` FLOP/s, and the gain per
+    extra CPU-minute (undefined where a lever costs no more than the reference)."""
+    auc = per_seed[per_seed["test"] == test].pivot_table(index="seed", columns="arm", values="auc")
+    if reference not in auc.columns:
+        raise UsageError(f"reference lever {reference!r} has no {test!r} AUCs; levers: {list(auc.columns)}")
+    total = costs.set_index("lever")["total TFLOP"]
+    rows = []
+    for name in [lever for lever in costs["lever"] if lever in auc.columns]:  # the levers' own order
+        mean, lo, hi = mean_ci(auc[name].to_numpy())
+        extra = (total[name] - total[reference]) * 1e12 / rate / 60
+        row = {"lever": name, "seeds": int(auc[name].notna().sum()), f"{test} AUC": mean, "lo": lo, "hi": hi,
+               "CPU-min": total[name] * 1e12 / rate / 60, "extra CPU-min": extra}
+        if name != reference:
+            row |= paired_differences(auc[name].to_numpy(), auc[reference].to_numpy(), level)
+            row["gain per extra CPU-min"] = row["diff_mean"] / extra if extra > 0 else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def lever_figure(table: pd.DataFrame, reference: str, test: str = "external") -> plt.Figure:
+    """Each lever's `test` AUC (mean over seeds, t-interval) against its CPU-minutes, the reference marked."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.0))
+    for _, row in table.iterrows():
+        mean, lo, hi = row[f"{test} AUC"], row["lo"], row["hi"]
+        colour = plotting.PALETTE["real"] if row["lever"] == reference else plotting.PALETTE["generated"]
+        ax.errorbar(row["CPU-min"], mean, yerr=[[mean - lo], [hi - mean]], fmt="o", color=colour, capsize=2)
+        ax.annotate(row["lever"], (row["CPU-min"], mean), xytext=(4, 3), textcoords="offset points", fontsize=6)
+    ax.set(xlabel="CPU-minutes (generator training + sampling + one BUS-DM fit)", ylabel=f"{test} AUC",
+           title=f"levers of the generated arm (reference: {reference})")
+    ax.title.set_fontsize(8)
+    fig.tight_layout()
+    return fig

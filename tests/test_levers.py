@@ -1,0 +1,119 @@
+"""The lever study (experiments/levers.py): FLOP costs against their closed forms, the paired table against scipy."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats as sps
+import torch
+
+
+def test_sampling_flops_double_with_guidance_and_grow_with_solver_steps(smoke_model, one_thread):
+    from busgen_lib.experiments.levers import sampling_flops
+
+    plain = sampling_flops(smoke_model, {"guidance": 0.0, "steps": 4})
+    assert plain > 0
+    # eq. 2 with w > 0 runs the network on the conditional and the unconditional batch: twice the FLOPs
+    assert sampling_flops(smoke_model, {"guidance": 1.8, "steps": 4}) == 2 * plain
+    # the solver evaluates the network once per step
+    assert sampling_flops(smoke_model, {"guidance": 0.0, "steps": 8}) == 2 * plain
+
+
+def test_lever_costs_follow_steps_images_and_epochs(smoke_model, tiny_phantom, one_thread):
+    from busgen_lib.data.manifest import read_manifest
+    from busgen_lib.experiments.coldit import unet_step_flops
+    from busgen_lib.experiments.levers import Lever, classifier_flops_per_image, lever_costs, sampling_flops
+
+    sampling = {"guidance": 0.0, "steps": 2}
+    levers = [Lever("few", smoke_model, 4, sampling), Lever("more", smoke_model, 12, sampling)]
+    costs = lever_costs(levers, tiny_phantom, "smoke", epochs=3).set_index("lever")
+    run_steps = json.loads((smoke_model.parent / "run.json").read_text())["steps"]
+    expected_generator = run_steps * unet_step_flops(read_manifest(tiny_phantom), "smoke") / 1e12
+    assert costs["generator TFLOP"].tolist() == pytest.approx([expected_generator] * 2)
+    one_image = sampling_flops(smoke_model, sampling) / 1e12
+    assert costs["sampling TFLOP"].tolist() == pytest.approx([4 * one_image, 12 * one_image])
+    per_image = classifier_flops_per_image("smoke") / 1e12
+    assert costs["BUS-DM TFLOP"].tolist() == pytest.approx([4 * 3 * per_image, 12 * 3 * per_image])
+    assert costs["total TFLOP"].tolist() == pytest.approx(
+        costs[["generator TFLOP", "sampling TFLOP", "BUS-DM TFLOP"]].sum(axis=1).tolist())
+
+
+def test_generator_steps_needs_a_pretrain_run(tmp_path):
+    from busgen_lib.errors import DataError
+    from busgen_lib.experiments.levers import generator_steps
+
+    (tmp_path / "model").mkdir()
+    with pytest.raises(DataError, match="no run.json"):
+        generator_steps(tmp_path / "model")
+    (tmp_path / "run.json").write_text(json.dumps({"steps": 1500}))
+    assert generator_steps(tmp_path / "model") == 1500
+
+
+def _per_seed(aucs: dict[str, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"arm": arm, "test": test, "seed": seed, "auc": auc + (0.1 if test == "internal" else 0.0)}
+                         for arm, values in aucs.items() for seed, auc in enumerate(values)
+                         for test in ("internal", "external")])
+
+
+def test_lever_table_pairs_seeds_and_prices_the_gain():
+    from busgen_lib.experiments.levers import lever_table
+
+    aucs = {"600 images": [0.60, 0.58, 0.62], "1200 images": [0.65, 0.61, 0.66], "guidance 0": [0.55, 0.57, 0.61]}
+    costs = pd.DataFrame({"lever": list(aucs), "total TFLOP": [60.0, 90.0, 45.0]})
+    rate = 50e9  # FLOP/s
+    table = lever_table(_per_seed(aucs), costs, "600 images", rate)
+    assert table["lever"].tolist() == list(aucs)  # in the levers' order, not alphabetical
+    table = table.set_index("lever")
+    assert table.loc["600 images", "external AUC"] == pytest.approx(0.60)
+    assert np.isnan(table.loc["600 images", "diff_mean"])
+    more = table.loc["1200 images"]
+    t = sps.ttest_rel(aucs["1200 images"], aucs["600 images"])
+    assert more["diff_mean"] == pytest.approx(0.04)
+    assert more["t_p"] == pytest.approx(t.pvalue)
+    assert more["extra CPU-min"] == pytest.approx(30e12 / rate / 60)  # 10 CPU-minutes
+    assert more["gain per extra CPU-min"] == pytest.approx(0.04 / 10)
+    assert table.loc["guidance 0", "extra CPU-min"] == pytest.approx(-5.0)
+    assert np.isnan(table.loc["guidance 0", "gain per extra CPU-min"])  # cheaper: no gain per extra minute
+
+
+def test_lever_table_and_sets_refuse_bad_levers(smoke_model, tmp_path):
+    from busgen_lib.errors import UsageError
+    from busgen_lib.experiments.levers import Lever, lever_sets, lever_table
+
+    costs = pd.DataFrame({"lever": ["a"], "total TFLOP": [1.0]})
+    with pytest.raises(UsageError, match="reference lever 'b'"):
+        lever_table(_per_seed({"a": [0.5, 0.6]}), costs, "b", 1e9)
+    with pytest.raises(UsageError, match="must differ"):
+        lever_sets([Lever("x", smoke_model, 2), Lever("x", smoke_model, 4)], tmp_path)
+
+
+def test_each_lever_samples_its_set_and_is_scored_per_seed(smoke_model, tmp_path, one_thread):
+    from busgen_lib.data.dataset import load_images
+    from busgen_lib.data.manifest import read_manifest
+    from busgen_lib.diffusion.pipeline import sample_dataset
+    from busgen_lib.downstream.recipes import train_fn
+    from busgen_lib.downstream.tasks import Task
+    from busgen_lib.experiments.generalisation import absolute
+    from busgen_lib.experiments.levers import Lever, lever_scores, lever_sets
+
+    plain = {"guidance": 0.0, "steps": 2}
+    levers = [Lever("4 images", smoke_model, 4, plain), Lever("8 images", smoke_model, 8, plain),
+              Lever("guidance 3", smoke_model, 6, {"guidance": 3.0, "steps": 2})]
+    sets = lever_sets(levers, tmp_path / "sets")
+    assert {name: len(df) for name, df in sets.items()} == {"4 images": 4, "8 images": 8, "guidance 3": 6}
+    assert len(list((tmp_path / "sets").iterdir())) == 2  # the two image counts share one sample
+    assert all(set(df["pathology"]) == {"benign", "malignant"} for df in sets.values())
+    # the 4-image lever is exactly the set that sampling 4 images gives
+    alone = absolute(read_manifest(sample_dataset(smoke_model, 4, tmp_path / "alone", pathologies=("benign", "malignant"),
+                                                  **plain)))
+    assert sets["4 images"]["pathology"].tolist() == alone["pathology"].tolist()
+    assert torch.equal(load_images(sets["4 images"], 32), load_images(alone, 32))
+    settings = json.loads(next((tmp_path / "sets").glob("*guidance3.0*")).joinpath("settings.json").read_text())
+    assert settings["guidance"] == 3.0
+    tests = {"external": pd.concat([sets["8 images"], sets["guidance 3"]], ignore_index=True)}
+    per_seed = lever_scores(sets, tests, train_fn("bus-dm", Task.parse("benign-malignant"), "smoke"), [0, 1],
+                            tmp_path / "scores")
+    assert sorted(per_seed["arm"].unique()) == ["4 images", "8 images", "guidance 3"]
+    assert per_seed.groupby("arm")["seed"].nunique().tolist() == [2, 2, 2]
+    assert per_seed["auc"].between(0, 1).all()
