@@ -318,3 +318,25 @@ def test_the_detection_figure_draws_every_arms_seeds_and_the_papers_values_where
         assert [t.get_text() for t in ax.get_xticklabels()] == ["real", "real + generated", "real,\nas many steps"]
         points = [c.get_offsets().shape[0] for c in ax.collections if isinstance(c, PathCollection)]
         assert sorted(points) == [1, 1, 2, 2, 2]  # two seeds for each of 3 arms, a paper star for 2 of them
+
+
+def test_detection_tables_by_test_set_equal_each_set_scored_alone():
+    from busgen_lib.experiments.screening import detection_table, detection_tables_by
+
+    rng = np.random.default_rng(4)
+    cases = {name: random_case(rng, n) for name, n in (("internal", 30), ("external", 40))}
+    frames = {name: manifest(targets, [f"{name}{i}.png" for i in range(len(targets))])
+              for name, (_, targets) in cases.items()}
+    # two arms, one seed: the second ranks the same boxes in the reverse order of the first
+    runs_alone = {name: {("real", 0): predictions,
+                         ("real + generated", 0): [{"boxes": p["boxes"], "scores": p["scores"][::-1].copy()}
+                                                  for p in predictions]}
+                  for name, (predictions, _) in cases.items()}
+    test_df = pd.concat([f.assign(test=name) for name, f in frames.items()], ignore_index=True)
+    runs = {key: runs_alone["internal"][key] + runs_alone["external"][key] for key in runs_alone["internal"]}
+    tables = detection_tables_by(runs, test_df, "test", 0.03, "real", n_boot=100)
+    assert list(tables) == ["internal", "external"]
+    for name, (per_seed, summary) in tables.items():
+        alone, alone_summary = detection_table(runs_alone[name], frames[name], 0.03, "real", n_boot=100)
+        pd.testing.assert_frame_equal(per_seed, alone)
+        pd.testing.assert_frame_equal(summary, alone_summary)

@@ -86,6 +86,19 @@ def detection_table(runs: Mapping[tuple[str, int], list[Prediction]], test_df: p
     return per_seed, pd.DataFrame(summary)
 
 
+def detection_tables_by(runs: Mapping[tuple[str, int], list[Prediction]], test_df: pd.DataFrame, column: str,
+                        small_threshold: float, reference: str, n_boot: int = 1000
+                        ) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """`detection_table` per value of `test_df[column]`: test sets scored in one pass (e.g. internal and external
+    test images concatenated for `detection_runs`, so each detector trains once) and evaluated apart."""
+    tables = {}
+    for value, index in test_df.groupby(column, sort=False).indices.items():
+        part = {key: [predictions[i] for i in index] for key, predictions in runs.items()}
+        tables[value] = detection_table(part, test_df.iloc[index].reset_index(drop=True), small_threshold, reference,
+                                        n_boot)
+    return tables
+
+
 def detection_figure(per_seed: pd.DataFrame) -> plt.Figure:
     """Fig 3b-c: AP50 small and AP50 per arm, one dot per seed, the mean image-bootstrap CI as a bar, and the
     paper's value as a star for the arms it has."""
