@@ -1,9 +1,9 @@
 """Which generation lever moves the external AUC most per CPU-minute (the real-data study of notebook 07).
 
 The generated arm of the leave-one-dataset-out study has knobs: how many images are generated, the guidance
-weight, how long the generator trained. A `Lever` is one setting of them. `lever_scores` samples each lever's set
-(`pipeline.sample_dataset`, resumable) and trains BUS-DM on it with every seed through
-`generalisation.score_arms` (stamped, resumable). `lever_costs` counts what a setting costs in FLOPs with torch's
+weight, how long the generator trained (a lever names its generator folder). A `Lever` is one setting of them.
+`lever_sets` samples each lever's set (`pipeline.sample_dataset`, resumable); `lever_scores` trains BUS-DM on it
+with every seed through `generalisation.score_arms` (stamped, resumable). `lever_costs` counts what a setting costs in FLOPs with torch's
 `FlopCounterMode` — the generator's training steps, sampling one image, one classifier step per image — so the
 costs are the same on every machine and after a resumed run. `lever_table` sets each lever's external AUC gain
 over the reference lever, paired by seed, against its extra cost, converted to CPU-minutes at a rate measured on
