@@ -340,3 +340,34 @@ def test_detection_tables_by_test_set_equal_each_set_scored_alone():
         alone, alone_summary = detection_table(runs_alone[name], frames[name], 0.03, "real", n_boot=100)
         pd.testing.assert_frame_equal(per_seed, alone)
         pd.testing.assert_frame_equal(summary, alone_summary)
+
+
+def test_held_out_detection_scores_internal_and_external_tests_and_resumes(small_phantom, tmp_path, monkeypatch,
+                                                                           one_thread):
+    from busgen_lib.data.manifest import read_manifest, write_manifest
+    from busgen_lib.experiments import screening
+    from busgen_lib.experiments.generalisation import absolute
+
+    phantom = absolute(read_manifest(small_phantom))
+    pool_path = write_manifest(pd.concat([phantom[phantom["split"] == "train"].head(24),
+                                          phantom[phantom["split"] == "test"].head(8)]), tmp_path / "pool.csv")
+    held_out = write_manifest(phantom[phantom["split"] == "val"].head(12), tmp_path / "held_out.csv")
+    pool = read_manifest(pool_path)
+    generated = absolute(pool[pool["split"] == "train"].head(8))  # stands in for generated rows with boxes
+    result = screening.held_out_detection(pool_path, held_out, generated, [0], "smoke", tmp_path / "det")
+    counts = result.test_df["test"].value_counts().to_dict()
+    assert counts == {"internal": 8, "external": 12}
+    for test in ("internal", "external"):
+        per_seed, _ = result.versus_real[test]
+        assert per_seed["arm"].tolist() == ["real", "real + generated", "real, as many steps"]
+        assert per_seed["n_images"].unique().tolist() == [counts[test]]
+        against_control, _ = result.versus_control[test]
+        assert against_control["arm"].tolist() == ["real + generated", "real, as many steps"]
+        assert np.isnan(against_control["ap50_p"].iloc[1]) and not np.isnan(against_control["ap50_p"].iloc[0])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained although every detector is saved")
+
+    monkeypatch.setattr(screening, "train_detector", no_training)
+    again = screening.held_out_detection(pool_path, held_out, generated, [0], "smoke", tmp_path / "det")
+    pd.testing.assert_frame_equal(again.versus_real["external"][0], result.versus_real["external"][0])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -21,11 +21,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from busgen_lib import plotting
-
+from busgen_lib.data.manifest import read_manifest
 from busgen_lib.downstream.detector import train_detector, training_steps
-from busgen_lib.evaluate.detection import Prediction, evaluate_detection, paired_bootstrap_p
+from busgen_lib.evaluate.detection import Prediction, evaluate_detection, paired_bootstrap_p, small_area_threshold
 from busgen_lib.evaluate.scaling import mean_ci
-from busgen_lib.experiments.generalisation import digest
+from busgen_lib.experiments.generalisation import absolute, combine, digest
 from busgen_lib.profiles import detector_settings
 
 # The paper's Fig 3b-c: AP at IoU 0.5 overall and for the smallest 30% of lesions, baseline vs BUS-DM.
@@ -97,6 +97,36 @@ def detection_tables_by(runs: Mapping[tuple[str, int], list[Prediction]], test_d
         tables[value] = detection_table(part, test_df.iloc[index].reset_index(drop=True), small_threshold, reference,
                                         n_boot)
     return tables
+
+
+@dataclass
+class HeldOutDetection:
+    """The detection arms on a leave-one-dataset-out design: per test set ("internal", "external"), the
+    (per seed, summary) tables against the real arm, and the augmented arm against the step-matched control."""
+
+    test_df: pd.DataFrame   # internal then external test images, `test` naming the set
+    versus_real: dict[str, tuple[pd.DataFrame, pd.DataFrame]]
+    versus_control: dict[str, tuple[pd.DataFrame, pd.DataFrame]]
+
+
+def held_out_detection(pool: str | Path, held_out: str | Path, generated: pd.DataFrame, seeds: Sequence[int],
+                       profile: str, out_dir: str | Path, progress: bool = False) -> HeldOutDetection:
+    """Fig 3b-c's three arms on real data: detectors trained on the pool's train and val images (with and without
+    lesions), on those plus `generated` (its requested boxes are the labels), and on the real images for as many
+    optimiser steps as the augmented arm; tested on the pool's test split (internal) and on every image of the
+    held-out set, normal ones included (external), in one pass (`detection_runs`, resumable)."""
+    pool_df = absolute(read_manifest(pool))
+    train = pool_df[pool_df["split"].astype(str).isin(["train", "val"])]
+    test_df = pd.concat([pool_df[pool_df["split"].astype(str) == "test"].assign(test="internal"),
+                         absolute(read_manifest(held_out)).assign(test="external")], ignore_index=True)
+    arms = {"real": train, "real + generated": combine(train, generated), "real, as many steps": train}
+    control = {"real, as many steps": {"epochs": step_matched_epochs(train, arms["real + generated"], profile)}}
+    runs = detection_runs(arms, test_df, seeds, profile, out_dir, progress=progress, overrides=control)
+    threshold = small_area_threshold(train)
+    augmented = {key: p for key, p in runs.items() if key[0] != "real"}
+    return HeldOutDetection(test_df, detection_tables_by(runs, test_df, "test", threshold, reference="real"),
+                            detection_tables_by(augmented, test_df, "test", threshold,
+                                                reference="real, as many steps"))
 
 
 def detection_figure(per_seed: pd.DataFrame) -> plt.Figure:
