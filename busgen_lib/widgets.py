@@ -54,9 +54,8 @@ def generate_image(model: BUSGenUNet, pathology: str, device: str, box: tuple[fl
     boxes = [] if pathology == "normal" or box is None else [tuple(float(v) for v in box)]
     request = Request(index=0, seed=int(seed), pathology=pathology, device=device, boxes=boxes)
     validate_plan([request], devices=(*model.config.device_names, ""))
-    defaults = SAMPLING_DEFAULTS[model.config.profile]
-    sample_fn = pipeline.model_sample_fn(model, steps=int(steps), guidance=float(guidance),
-                                         sampler=defaults.sampler, order=defaults.order)
+    sample_fn = pipeline.model_sample_fn(model, **pipeline.sampling_options(model, steps=int(steps),
+                                                                            guidance=float(guidance)))
     start = time.perf_counter()
     image = sample_fn([request])[0]
     return image, time.perf_counter() - start

@@ -90,6 +90,16 @@ def sample_images(model: BUSGenUNet, requests: Sequence[Request], *, size: int |
     return images
 
 
+def sampling_options(model: BUSGenUNet | CoLDiT, *, steps: int | None = None, guidance: float | None = None,
+                     sampler: str | None = None, order: int | None = None) -> dict:
+    """The sampler, steps, order and guidance a sample of `model` uses: those given, else its profile's defaults
+    (a CoLDiT's own guidance weight)."""
+    defaults = SAMPLING_DEFAULTS[model.config.profile]
+    default_guidance = get_coldit(model.config.profile).guidance if isinstance(model, CoLDiT) else defaults.guidance
+    return {"sampler": sampler or defaults.sampler, "steps": defaults.steps if steps is None else steps,
+            "order": order or defaults.order, "guidance": default_guidance if guidance is None else guidance}
+
+
 def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str | Path = "balanced",
                    steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
                    order: int | None = None, seed: int = 0, batch_size: int = 16,
@@ -110,11 +120,8 @@ def sample_dataset(model_dir: str | Path, n: int, out: str | Path, *, plan: str 
     """
     model_dir = Path(model_dir)
     model = load_generator(model_dir) if adapter is None else load_adapted_model(model_dir, adapter)
-    defaults = SAMPLING_DEFAULTS[model.config.profile]
     latent = isinstance(model, CoLDiT)
-    default_guidance = get_coldit(model.config.profile).guidance if latent else defaults.guidance
-    sampling = {"sampler": sampler or defaults.sampler, "steps": defaults.steps if steps is None else steps,
-                "order": order or defaults.order, "guidance": default_guidance if guidance is None else guidance}
+    sampling = sampling_options(model, steps=steps, guidance=guidance, sampler=sampler, order=order)
     _check_sampling(sampling, batch_size, seed)
     if latent and cond_fn is not None:
         raise UsageError(f"{model_dir}: a CoLDiT samples latents; CPSample's classifier guides pixels of a BUSGen "

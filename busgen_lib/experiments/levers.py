@@ -29,7 +29,6 @@ from busgen_lib import plotting
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.diffusion import pipeline
 from busgen_lib.diffusion.checkpoint import load_generator
-from busgen_lib.diffusion.model import SAMPLING_DEFAULTS
 from busgen_lib.diffusion.plan import Request
 from busgen_lib.downstream.classifier import create_backbone, downstream_settings
 from busgen_lib.errors import DataError, UsageError
@@ -93,29 +92,29 @@ def lever_scores(sets: Mapping[str, pd.DataFrame], tests: Mapping[str, pd.DataFr
 
 def sampling_flops(model_dir: str | Path, sampling: Mapping) -> int:
     """FLOPs of sampling one image from `model_dir` with `sampling` (the network's convolutions and matmuls)."""
-    model = load_generator(model_dir)
-    request = Request(index=0, seed=0, pathology="malignant", device="", boxes=[(0.3, 0.3, 0.6, 0.6)])
-    with FlopCounterMode(display=False) as counter:
-        pipeline.sample_images(model, [request], progress=False, **_sampling(model, sampling))
-    return counter.get_total_flops()
+    return _one_image_flops(load_generator(model_dir), sampling)
 
 
 def sampling_rate(model_dir: str | Path, sampling: Mapping, n: int = 8) -> float:
     """FLOP/s of this machine's process CPU time, sampling `n` images from `model_dir`: converts FLOPs to CPU-s."""
     model = load_generator(model_dir)
-    requests = [Request(index=i, seed=i, pathology="benign", device="", boxes=[(0.3, 0.3, 0.6, 0.6)])
-                for i in range(n)]
+    requests = [_request(i) for i in range(n)]
     start = time.process_time()
-    pipeline.sample_images(model, requests, batch_size=n, progress=False, **_sampling(model, sampling))
+    pipeline.sample_images(model, requests, batch_size=n, progress=False,
+                           **pipeline.sampling_options(model, **sampling))
     seconds = time.process_time() - start
-    return n * sampling_flops(model_dir, sampling) / seconds
+    return n * _one_image_flops(model, sampling) / seconds
 
 
-def _sampling(model, sampling: Mapping) -> dict:
-    """`sampling` completed with the model profile's defaults (as `sample_dataset` completes it)."""
-    defaults = SAMPLING_DEFAULTS[model.config.profile]
-    return {"sampler": defaults.sampler, "steps": defaults.steps, "order": defaults.order,
-            "guidance": defaults.guidance} | dict(sampling)
+def _request(index: int) -> Request:
+    """A malignant request with one box: FLOPs and time do not depend on the conditions."""
+    return Request(index=index, seed=index, pathology="malignant", device="", boxes=[(0.3, 0.3, 0.6, 0.6)])
+
+
+def _one_image_flops(model, sampling: Mapping) -> int:
+    with FlopCounterMode(display=False) as counter:
+        pipeline.sample_images(model, [_request(0)], progress=False, **pipeline.sampling_options(model, **sampling))
+    return counter.get_total_flops()
 
 
 def classifier_flops_per_image(profile: str, backbone: str | None = None) -> float:

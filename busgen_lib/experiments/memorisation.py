@@ -20,8 +20,9 @@ import torch
 from busgen_lib.data.dataset import BUSDataset, load_images
 from busgen_lib.data.manifest import read_manifest, write_manifest
 from busgen_lib.data.schema import PATHOLOGIES
+from busgen_lib.diffusion import pipeline
 from busgen_lib.diffusion.checkpoint import load_model
-from busgen_lib.diffusion.model import SAMPLING_DEFAULTS, BUSGenUNet
+from busgen_lib.diffusion.model import BUSGenUNet
 from busgen_lib.diffusion.privacy import (DEFAULT_ALPHA, DEFAULT_SCALE, CPSampleFit, CPSampleGuidance, random_labels,
                                           train_cpsample_classifier)
 from busgen_lib.diffusion.sample import CondFn, sample
@@ -155,10 +156,8 @@ def memorisation_study(manifest: str | Path, profile: str, out: str | Path, *, n
     fit = train_cpsample_classifier(images, model.config, labels=labels, steps=classifier_steps, seed=seed,
                                     progress=progress)
     alphas_cumprod = ddpm_scheduler(model.config).alphas_cumprod
-    defaults = SAMPLING_DEFAULTS[model.config.profile]
-    settings = dict(sampler=defaults.sampler, steps=sample_steps or defaults.steps, order=defaults.order,
-                    guidance=defaults.guidance if guidance is None else guidance,
-                    seeds=[seed * 100_003 + i for i in range(n_generate)])
+    settings = pipeline.sampling_options(model, steps=sample_steps, guidance=guidance) | {
+        "seeds": [seed * 100_003 + i for i in range(n_generate)]}
     cond = training_conditions(train_df, model, n_generate)
     hooks = {"plain": None} | {f"CPSample α={a:g} s={s:g}": CPSampleGuidance(fit.classifier, alphas_cumprod,
                                                                              alpha=a, scale=s) for a, s in cpsample}
