@@ -85,8 +85,7 @@ def compute_budget(manifest: str | Path, profile: str) -> ComputeBudget:
     coldit_model = build_coldit(profile).train()
     rows = []
 
-    def count(network: str, config, model: torch.nn.Module, loss_fn: LossFn, dataset) -> None:
-        flops = batch_flops(model, loss_fn, dataset, config.batch_size)
+    def count(network: str, config, flops: int) -> None:
         rows.append({"network": network, "steps": config.steps, "batch": config.batch_size, "GFLOP/step": flops / 1e9})
 
     for network, overrides, frozen, loss_fn in (
@@ -96,10 +95,9 @@ def compute_budget(manifest: str | Path, profile: str) -> ComputeBudget:
         config = train_config(profile, **overrides)
         coldit_model.requires_grad_(True)
         frozen.requires_grad_(False)  # as in `pretrain`: one stage trains, the other network is frozen
-        count(network, config, coldit_model, loss_fn, train_dataset(df, profile, config, birads=True)[0])
-    config = train_config(profile)
-    rows.append({"network": "BUSGen UNet", "steps": config.steps, "batch": config.batch_size,
-                 "GFLOP/step": unet_step_flops(df, profile) / 1e9})
+        dataset = train_dataset(df, profile, config, birads=True)[0]
+        count(network, config, batch_flops(coldit_model, loss_fn, dataset, config.batch_size))
+    count("BUSGen UNet", train_config(profile), unet_step_flops(df, profile))
     table = pd.DataFrame(rows)
     coldit_flops = (table["steps"] * table["GFLOP/step"]).iloc[:2].sum()
     unet_steps = math.ceil(coldit_flops / table["GFLOP/step"].iloc[2])
