@@ -368,6 +368,10 @@ def test_held_out_detection_scores_internal_and_external_tests_and_resumes(small
     def no_training(*args, **kwargs):
         raise AssertionError("retrained although every detector is saved")
 
+    summary, per_seed, against_control = result.tables()
+    assert summary.index.get_level_values("test").unique().tolist() == ["internal", "external"]
+    assert len(per_seed) == 6 and against_control["arm"].unique().tolist() == ["real + generated"]
+
     monkeypatch.setattr(screening, "train_detector", no_training)
     again = screening.held_out_detection(pool_path, held_out, generated, [0], "smoke", tmp_path / "det")
     pd.testing.assert_frame_equal(again.versus_real["external"][0], result.versus_real["external"][0])

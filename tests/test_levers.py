@@ -117,3 +117,31 @@ def test_each_lever_samples_its_set_and_is_scored_per_seed(smoke_model, tmp_path
     assert sorted(per_seed["arm"].unique()) == ["4 images", "8 images", "guidance 3"]
     assert per_seed.groupby("arm")["seed"].nunique().tolist() == [2, 2, 2]
     assert per_seed["auc"].between(0, 1).all()
+
+
+def test_one_knob_levers_move_one_setting_each_from_the_reference(tmp_path):
+    from busgen_lib.experiments.levers import one_knob_levers
+
+    sampling = {"sampler": "dpmsolver++", "steps": 12, "order": 2, "guidance": 1.8}
+    levers = one_knob_levers(tmp_path, 600, sampling, images=(300, 1200), guidance=(0.0, 3.5))
+    assert [lever.name for lever in levers] == ["600 images (reference)", "300 images", "1200 images",
+                                                 "guidance 0.0", "guidance 3.5"]
+    assert [lever.n for lever in levers] == [600, 300, 1200, 600, 600]
+    assert [lever.sampling["guidance"] for lever in levers] == [1.8, 1.8, 1.8, 0.0, 3.5]
+    assert all(lever.sampling["steps"] == 12 and lever.generator == tmp_path for lever in levers)
+    assert sampling["guidance"] == 1.8  # the reference's options are not changed in place
+
+
+def test_the_lever_study_tables_every_lever_against_the_first(smoke_model, tiny_phantom, tmp_path, one_thread):
+    from busgen_lib.downstream.recipes import train_fn
+    from busgen_lib.downstream.tasks import Task
+    from busgen_lib.experiments.levers import lever_sets, lever_study, one_knob_levers
+
+    levers = one_knob_levers(smoke_model, 8, {"steps": 2}, images=(4,), guidance=(0.0,))
+    test = lever_sets(levers[:1], tmp_path / "test", seed=1)[levers[0].name]  # other seed: other images
+    table = lever_study(levers, tiny_phantom, test, train_fn("bus-dm", Task.parse("benign-malignant"), "smoke"),
+                        [0, 1], "smoke", tmp_path / "study")
+    assert table["lever"].tolist() == ["8 images (reference)", "4 images", "guidance 0.0"]
+    assert table["extra CPU-min"].iloc[0] == 0 and np.isnan(table["diff_mean"].iloc[0])
+    assert (table["extra CPU-min"].iloc[1:] < 0).all()  # fewer images, and no unconditional branch: cheaper
+    assert table["seeds"].tolist() == [2, 2, 2]

@@ -49,6 +49,26 @@ class Lever:
     sampling: Mapping = field(default_factory=dict)  # sample_dataset's sampler, steps, order, guidance
 
 
+def one_knob_levers(generator: Path, n: int, sampling: Mapping, images: Sequence[int] = (),
+                    guidance: Sequence[float] = ()) -> list[Lever]:
+    """The reference setting (`n` images sampled with `sampling`) first, then each other image count and each
+    other guidance weight, one knob moved at a time."""
+    return ([Lever(f"{n} images (reference)", generator, n, sampling)]
+            + [Lever(f"{k} images", generator, k, sampling) for k in images]
+            + [Lever(f"guidance {g}", generator, n, dict(sampling) | {"guidance": g}) for g in guidance])
+
+
+def lever_study(levers: Sequence[Lever], pool: str | Path, test: pd.DataFrame, train_fn: TrainFn,
+                seeds: Sequence[int], profile: str, out_dir: str | Path, seed: int = 0) -> pd.DataFrame:
+    """`lever_table` of BUS-DM trained on each lever's set and scored on `test` (the external set), against the
+    first lever; costs counted on `pool` (the generator's training data), priced at this machine's sampling rate."""
+    sets = lever_sets(levers, out_dir, seed)
+    per_seed = lever_scores(sets, {"external": test}, train_fn, seeds, out_dir)
+    reference = levers[0]
+    return lever_table(per_seed, lever_costs(levers, pool, profile), reference.name,
+                       sampling_rate(reference.generator, reference.sampling))
+
+
 def generator_steps(model_dir: str | Path) -> int:
     """The training steps of a pretrain run, from the run.json beside its model/ folder."""
     record = Path(model_dir).parent / "run.json"

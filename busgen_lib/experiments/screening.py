@@ -108,6 +108,16 @@ class HeldOutDetection:
     versus_real: dict[str, tuple[pd.DataFrame, pd.DataFrame]]
     versus_control: dict[str, tuple[pd.DataFrame, pd.DataFrame]]
 
+    def tables(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """For display, the test set as the outer index: the summary and the per-seed rows against the real arm,
+        and the augmented arm's per-seed rows against the control."""
+        def stacked(tables: dict, which: int) -> pd.DataFrame:
+            return pd.concat({test: pair[which] for test, pair in tables.items()}, names=["test"])
+
+        control = stacked(self.versus_control, 0)
+        return (stacked(self.versus_real, 1), stacked(self.versus_real, 0),
+                control[control["arm"] == "real + generated"])
+
 
 def held_out_detection(pool: str | Path, held_out: str | Path, generated: pd.DataFrame, seeds: Sequence[int],
                        profile: str, out_dir: str | Path, progress: bool = False) -> HeldOutDetection:
