@@ -9,7 +9,7 @@ import busgen_lib
 
 PACKAGE = Path(busgen_lib.__file__).parent
 
-# Each layer may import the layers listed for it (and itself); everything may import errors and profiles.
+# Each layer may import the layers listed for it (and itself); everything may import errors, profiles and parallel.
 ALLOWED = {
     "data": set(),
     "diffusion": {"data"},
@@ -20,7 +20,7 @@ ALLOWED = {
     "reader_study": {"data", "evaluate"},
     "widgets": {"data", "diffusion"},  # the interactive generator sits on top, like plotting (notebooks use it)
 }
-BASE = {"errors", "profiles"}
+BASE = {"errors", "parallel", "profiles"}
 
 
 def _imports() -> list[tuple[str, str, str]]:

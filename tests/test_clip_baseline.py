@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.downstream.classifier import DiagnosticModel
-from busgen_lib.downstream.clip_baseline import build_clip, compose_report, load_clip_weights, train_baseline_clip
+from busgen_lib.downstream.clip_baseline import (build_clip, compose_report, load_clip_weights, pretrained_clip,
+                                                 train_baseline_clip)
 from busgen_lib.downstream.tasks import Task
 from busgen_lib.errors import DataError
 from busgen_lib.profiles import get_downstream
@@ -128,3 +129,24 @@ def test_baseline_clip_takes_a_study_backbone_for_its_image_tower(bright_dark, t
     assert roc_auc_score(y, score) >= 0.95
     loaded = DiagnosticModel.load(model.save(tmp_path / "clip_cnn"), task=task)
     np.testing.assert_array_equal(loaded.predict_proba(rows), score)
+
+
+def test_shared_pretraining_fine_tunes_exactly_as_pretraining_inline(bright_dark, tmp_path, monkeypatch):
+    """Seeds that share `pretrained_clip`'s weights (clip_epochs=0) get the very model that pretraining inside
+    `train_baseline_clip` gives; the weights are computed once and read back."""
+    from busgen_lib.downstream import clip_baseline
+
+    torch.set_num_threads(1)
+    train, test = bright_dark[bright_dark.split == "train"], bright_dark[bright_dark.split == "test"]
+    task, rows = Task.parse("benign-malignant"), Task.parse("benign-malignant").select(test)[0]
+    inline = train_baseline_clip(train, task, "smoke", seed=3, epochs=2)
+    weights = pretrained_clip(train, "smoke", tmp_path, seed=3)
+    shared = train_baseline_clip(train, task, "smoke", seed=3, epochs=2, clip_weights=weights, clip_epochs=0)
+    np.testing.assert_array_equal(shared.predict_proba(rows), inline.predict_proba(rows))
+    assert shared.record["clip"]["pretrain_rows"] == 0 and shared.record["clip"]["clip_epochs"] == 0
+
+    monkeypatch.setattr(clip_baseline, "pretrain_clip", lambda *a, **k: pytest.fail("pretrained again"))
+    assert pretrained_clip(train, "smoke", tmp_path, seed=3) == weights
+    for other in ({"corpus": train.iloc[1:], "seed": 3}, {"corpus": train, "seed": 4}):  # never read back for these
+        with pytest.raises(pytest.fail.Exception, match="pretrained again"):
+            pretrained_clip(other["corpus"], "smoke", tmp_path, seed=other["seed"])

@@ -19,6 +19,7 @@ from busgen_lib.evaluate.detection import (
     _matches,
     average_precision,
     evaluate_detection,
+    lesion_boxes,
     paired_bootstrap_p,
     small_area_threshold,
 )
@@ -252,6 +253,27 @@ def test_training_is_deterministic_given_the_seed(tmp_path):
     sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_the_image_cache_gives_every_epochs_items_unchanged_and_reads_each_file_once(tmp_path, monkeypatch):
+    """Cached and uncached datasets yield equal (augmented) items epoch after epoch; cached, each PNG is read once."""
+    from busgen_lib.downstream import detector as detector_module
+
+    train = squares(tmp_path, 6, seed=4)
+    boxes, augment = lesion_boxes(train), detector_module._augmentation(detector_module.detector_settings("smoke"))
+    reads = []
+    real_load = detector_module.load_grayscale
+    monkeypatch.setattr(detector_module, "load_grayscale", lambda path: reads.append(path) or real_load(path))
+    cached = detector_module.DetectionDataset(train, SIZE, boxes, augment, seed=2)
+    monkeypatch.setattr(detector_module, "CACHE_BYTES", 0)
+    uncached = detector_module.DetectionDataset(train, SIZE, boxes, augment, seed=2)
+    assert cached.cache is not None and uncached.cache is None
+    for epoch in range(3):
+        cached.epoch = uncached.epoch = epoch
+        for i in range(len(train)):
+            (a, ta), (b, tb) = cached[i], uncached[i]
+            assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"])
+    assert len(reads) == len(train) + 3 * len(train)  # the cached set once, the uncached one every epoch
 
 
 def test_loading_a_folder_without_a_detector_is_refused(tmp_path):

@@ -57,17 +57,17 @@ def test_score_arms_trains_each_arm_and_seed_once_and_resumes(tmp_path):
         noise = np.random.default_rng(seed).normal(scale=0.5, size=1000)
         return lambda test: 1.0 / (1.0 + np.exp(-(test["signal"].to_numpy() + noise[: len(test)])))
 
-    scores = g.score_arms(arms, tests, train_fn, [0, 1, 2], tmp_path, progress=False)
+    scores = g.score_arms(arms, tests, train_fn, [0, 1, 2], tmp_path, progress=False, workers=1)
     assert len(calls) == 6 and len(scores) == 6 * 2 * 40
-    again = g.score_arms(arms, tests, train_fn, [0, 1, 2], tmp_path, progress=False)
+    again = g.score_arms(arms, tests, train_fn, [0, 1, 2], tmp_path, progress=False, workers=1)
     assert len(calls) == 6  # everything was on disk
     pd.testing.assert_frame_equal(scores.reset_index(drop=True), again.reset_index(drop=True))
 
     arms[g.GENERATED] = pd.DataFrame({"image": ["c", "e"], "pathology": ["benign", "malignant"]})
-    g.score_arms(arms, tests, train_fn, [0, 1, 2], tmp_path, progress=False)
+    g.score_arms(arms, tests, train_fn, [0, 1, 2], tmp_path, progress=False, workers=1)
     assert len(calls) == 9 and {c[0] for c in calls[6:]} == {("c", "e")}  # only the changed arm retrains
     train_fn.recipe = {"model": "another backbone"}
-    g.score_arms(arms, tests, train_fn, [0], tmp_path, progress=False)
+    g.score_arms(arms, tests, train_fn, [0], tmp_path, progress=False, workers=1)
     assert len(calls) == 11  # another model retrains every arm
 
     per_seed = g.auc_by_seed(scores)
@@ -82,6 +82,43 @@ def test_score_arms_trains_each_arm_and_seed_once_and_resumes(tmp_path):
     assert row["auc"] == pytest.approx(roc_auc_score(y, ens.to_numpy()))
     assert row["ci_lo"] < row["auc"] < row["ci_hi"]
     assert 0.0 <= row[f"delong_p_vs_{g.REAL}"] <= 1.0 and row["n_malignant"] == y.sum()
+
+
+def test_score_arms_in_two_processes_writes_what_one_process_writes(tmp_path):
+    """Forked single-thread workers (after the parent used torch's thread pool) give the serial run's scores and
+    files; the arm-wide `prepare` runs once per arm in the parent, before the seeds fork."""
+    import os
+    import time
+
+    import torch
+
+    _, tests = _scores_frame()
+    arms = {g.REAL: pd.DataFrame({"image": ["a", "b"], "pathology": ["benign", "malignant"]}),
+            g.GENERATED: pd.DataFrame({"image": ["c", "d"], "pathology": ["benign", "malignant"]})}
+    prepared, parent = [], os.getpid()
+    torch.set_num_threads(2)
+    torch.randn(256, 256) @ torch.randn(256, 256)  # the parent's OpenMP pool exists when the children fork
+
+    def train_fn(df: pd.DataFrame, seed: int):
+        (tmp_path / "pids").mkdir(exist_ok=True)
+        (tmp_path / "pids" / str(os.getpid())).touch()
+        time.sleep(0.2)  # long enough that both workers take jobs
+        torch.manual_seed(seed)
+        shift = torch.nn.Linear(1, 1)(torch.ones(1, 1)).item() + len(df["image"].iloc[0])
+        return lambda test: 1.0 / (1.0 + np.exp(-(test["signal"].to_numpy() + shift)))
+
+    train_fn.prepare = lambda rows: prepared.append((tuple(rows["image"]), os.getpid()))
+    serial = g.score_arms(arms, tests, train_fn, [0, 1, 2], tmp_path / "one", progress=False, workers=1)
+    assert [pid for _, pid in prepared] == [parent, parent]
+    (tmp_path / "pids" / str(parent)).unlink()
+    prepared.clear()
+    parallel = g.score_arms(arms, tests, train_fn, [0, 1, 2], tmp_path / "two", progress=False, workers=2)
+    pd.testing.assert_frame_equal(parallel, serial)
+    assert prepared == [(("a", "b"), parent), (("c", "d"), parent)]
+    workers = {int(p.name) for p in (tmp_path / "pids").iterdir()}
+    assert len(workers) == 2 and parent not in workers
+    files = lambda root: {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    assert files(tmp_path / "two") == files(tmp_path / "one")
 
 
 def test_design_keeps_patients_apart_and_uses_only_benign_and_malignant(tiny_phantom, tmp_path):

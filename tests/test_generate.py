@@ -18,7 +18,7 @@ from PIL import Image
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.data.schema import PATHOLOGIES, format_boxes, parse_boxes
 from busgen_lib.diffusion.box_prior import BoxPrior
-from busgen_lib.diffusion.generate import generate, merge_shards, read_plan, shard_path
+from busgen_lib.diffusion.generate import IMAGE_DIR, generate, merge_shards, read_plan, shard_path
 from busgen_lib.diffusion.plan import Request, balanced_cell, balanced_plan, explicit_plan, validate_plan
 
 DEVICES = ("dev-a", "dev-b", "dev-c")
@@ -224,8 +224,22 @@ def test_resuming_with_a_different_plan_names_the_field(plan, tmp_path):
     moved = [*plan[:3], Request(3, plan[3].seed, plan[3].pathology, "dev-c", plan[3].boxes)]
     with pytest.raises(ValueError, match=r"request 3 differs in 'device' \(stored 'dev-b', given 'dev-c'\)"):
         generate(moved, fake_sample, tmp_path, batch_size=4, progress=False)
-    with pytest.raises(ValueError, match="holds a plan of 4 requests but 23 were given"):
-        generate(plan, fake_sample, tmp_path, batch_size=4, progress=False)
+    generate(plan[:8], fake_sample, tmp_path, batch_size=4, progress=False)  # grown: a longer plan, same start
+    with pytest.raises(ValueError, match=r"holds a plan of 8 requests but 4 were given \(a set can grow, not shrink"):
+        generate(plan[:4], fake_sample, tmp_path, batch_size=4, progress=False)
+
+
+def test_a_grown_plan_keeps_its_first_images_and_equals_a_fresh_run(plan, tmp_path):
+    generate(plan, fake_sample, tmp_path / "fresh", batch_size=4, progress=False)
+    generate(plan[:10], fake_sample, tmp_path / "grown", batch_size=4, progress=False)
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "grown" / IMAGE_DIR).iterdir()}
+    calls = []
+    generate(plan, lambda requests: calls.extend(r.index for r in requests) or fake_sample(requests),
+             tmp_path / "grown", batch_size=4, progress=False)
+    assert sorted(calls) == list(range(10, 23))  # only the new requests are sampled
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "grown" / IMAGE_DIR).iterdir()
+            if p.name in first} == first
+    assert snapshot(tmp_path / "grown") == snapshot(tmp_path / "fresh")
 
 
 def test_resuming_with_another_shard_count_is_refused(plan, tmp_path):

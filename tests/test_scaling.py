@@ -75,7 +75,7 @@ def test_a_killed_run_resumes_without_redoing_finished_fits(tmp_path):
         return _sigmoid_of_x(train, seed)
 
     with pytest.raises(KeyboardInterrupt):
-        scaling_curve(dies_after_three, pool, test, [4, 8, 12], 2, path, progress=False)
+        scaling_curve(dies_after_three, pool, test, [4, 8, 12], 2, path, progress=False, workers=1)
     assert len(pd.read_csv(path)) == 3
     resumed = []
 
@@ -83,15 +83,24 @@ def test_a_killed_run_resumes_without_redoing_finished_fits(tmp_path):
         resumed.append((len(train), seed, tuple(train.image)))
         return _sigmoid_of_x(train, seed)
 
-    out = scaling_curve(counting, pool, test, [4, 8, 12], 2, path, progress=False)
+    out = scaling_curve(counting, pool, test, [4, 8, 12], 2, path, progress=False, workers=1)
     assert len(resumed) == 3 and not set(resumed) & set(seen)
     fresh = []
     scaling_curve(lambda t, s: fresh.append((len(t), s, tuple(t.image))) or _sigmoid_of_x(t, s),
-                  pool, test, [4, 8, 12], 2, tmp_path / "fresh.csv", progress=False)
+                  pool, test, [4, 8, 12], 2, tmp_path / "fresh.csv", progress=False, workers=1)
     assert fresh == seen + resumed   # the same fits, in the same order, as an uninterrupted run
     assert len(out) == 6 and len(pd.read_csv(path)) == 6
     with pytest.raises(UsageError, match="another seed"):
-        scaling_curve(counting, pool, test, [4], 1, path, seed=5, progress=False)
+        scaling_curve(counting, pool, test, [4], 1, path, seed=5, progress=False, workers=1)
+
+
+def test_a_curve_in_two_processes_writes_the_rows_one_process_writes(tmp_path):
+    pool, test = _pool(), _pool(n_patients=30, seed=9)
+    serial = scaling_curve(_sigmoid_of_x, pool, test, [4, 8, 12], 2, tmp_path / "one.csv", progress=False, workers=1)
+    parallel = scaling_curve(_sigmoid_of_x, pool, test, [4, 8, 12], 2, tmp_path / "two.csv", progress=False,
+                             workers=2)
+    pd.testing.assert_frame_equal(parallel, serial)
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()  # appended in job order
 
 
 def test_results_of_another_pool_test_set_or_recipe_are_refused(tmp_path):

@@ -167,8 +167,11 @@ def _prepare(out_dir: Path, plan: Sequence[Request], num_shards: int, settings: 
     # Checked before the plan: a concurrent shard writes the plan before it makes these folders.
     leftovers = (out_dir / SHARD_DIR).exists() or (out_dir / IMAGE_DIR).exists()
     if stored.exists():
-        _check_same_plan(read_plan(out_dir), plan, stored)
+        previous = read_plan(out_dir)
+        _check_same_plan(previous, plan, stored)
         _check_same_settings(stored_settings, settings)
+        if len(plan) > len(previous):  # a grown set: the stored requests are its first ones, kept, not resampled
+            _write_json_atomically(stored, {"format": PLAN_FORMAT, "requests": [r.to_json() for r in plan]})
     elif leftovers:
         raise UsageError(f"{out_dir}: holds images/ or shards/ but no {PLAN_FILE}; it is not a resumable sampling "
                          "folder, choose a fresh --out")
@@ -214,10 +217,14 @@ def read_plan(out_dir: str | Path) -> list[Request]:
 
 
 def _check_same_plan(stored: list[Request], plan: Sequence[Request], path: Path) -> None:
-    """Refuse to mix two plans in one folder; name the first difference so the user sees why."""
+    """Refuse to mix two plans in one folder; name the first difference so the user sees why.
+
+    A longer plan whose first requests are the stored ones grows the set (a balanced
+    plan's request i depends on (seed, i) alone, so a larger --n extends a smaller one)."""
     advice = "pass the same plan (--n, --plan, --seed, --pathologies, --devices) to resume, or use a fresh --out"
-    if len(stored) != len(plan):
-        raise UsageError(f"{path} holds a plan of {len(stored)} requests but {len(plan)} were given; {advice}")
+    if len(plan) < len(stored):
+        raise UsageError(f"{path} holds a plan of {len(stored)} requests but {len(plan)} were given (a set can "
+                         f"grow, not shrink); {advice}")
     for old, new in zip(stored, plan):
         old_json, new_json = old.to_json(), new.to_json()  # JSON form: boxes as lists either way
         for field in ("seed", "pathology", "device", "boxes", "birads"):

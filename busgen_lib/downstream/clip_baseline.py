@@ -13,7 +13,10 @@ as BUS-DM.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import open_clip
@@ -108,8 +111,9 @@ def load_clip_weights(path: str | Path, profile: str | open_clip.CLIP = "demo") 
 
 
 def pretrain_clip(model: open_clip.CLIP, images: torch.Tensor, reports: Sequence[str], settings: DownstreamProfile,
-                  seed: int, progress: bool = False) -> list[float]:
-    """Contrastive training on image–report pairs with open_clip's ClipLoss (symmetric InfoNCE)."""
+                  seed: int, progress: bool = False, epochs: int | None = None) -> list[float]:
+    """Contrastive training on image–report pairs with open_clip's ClipLoss (symmetric InfoNCE), for `epochs`
+    (default: the profile's clip_epochs)."""
     tokens = open_clip.tokenizer.SimpleTokenizer(context_length=settings.clip_context_length)(list(reports))
     transform = classification_augment(settings.input_size)
     loss_fn = ClipLoss()
@@ -123,31 +127,64 @@ def pretrain_clip(model: open_clip.CLIP, images: torch.Tensor, reports: Sequence
         image_features, text_features, scale = model(augment_batch(images[index], transform), tokens[index])
         return loss_fn(image_features, text_features, scale)
 
-    return train_loop(model.parameters(), batches, loss, settings.clip_epochs, settings.clip_lr,
-                      settings.weight_decay, progress=progress, desc="clip")
+    return train_loop(model.parameters(), batches, loss, settings.clip_epochs if epochs is None else epochs,
+                      settings.clip_lr, settings.weight_decay, progress=progress, desc="clip")
+
+
+def _contrastive_clip(corpus: pd.DataFrame, settings: DownstreamProfile, seed: int, clip_weights: str | Path | None,
+                      epochs: int, progress: bool) -> open_clip.CLIP:
+    """A CLIP seeded by `seed` (or loaded from `clip_weights`), then trained `epochs` on `corpus`'s reports."""
+    torch.manual_seed(seed)
+    clip = build_clip(settings)
+    if clip_weights is not None:
+        load_clip_weights(clip_weights, clip)
+    if epochs:
+        reports = [compose_report(row) for _, row in corpus.iterrows()]
+        pretrain_clip(clip, as_inputs(corpus, settings.input_size), reports, settings, seed, progress, epochs)
+    return clip
+
+
+def pretrained_clip(corpus: pd.DataFrame, profile: str, out_dir: str | Path, seed: int = 0,
+                    backbone: str | None = None, progress: bool = False) -> Path:
+    """The contrastive pretraining on `corpus`, done once: weights for `train_baseline_clip(clip_weights=...,
+    clip_epochs=0)`.
+
+    The paper's Baseline-CLIP is one pretrained model fine-tuned per task, so a
+    study's seeds share it; pretraining per seed would cost the most of each fit.
+    The file, `out_dir/clip-<key>.pt`, is named by the corpus rows, the settings
+    and the seed, so a rerun reads it back and other data never reuses it.
+    """
+    settings = downstream_settings(profile, backbone)
+    key = hashlib.sha256(json.dumps([rows_fingerprint(corpus), asdict(settings), seed], default=str).encode())
+    path = Path(out_dir) / f"clip-{key.hexdigest()[:16]}.pt"
+    if not path.exists():
+        clip = _contrastive_clip(corpus, settings, seed, None, settings.clip_epochs, progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(clip.state_dict(), tmp)
+        tmp.replace(path)  # atomic: a kill never leaves half a file to be read back
+    return path
 
 
 def train_baseline_clip(train_df: pd.DataFrame, task: Task, profile: str, seed: int = 0, lr: float | None = None,
                         epochs: int | None = None, sources: Sequence[str | Path] = (),
                         pretrain_df: pd.DataFrame | None = None, clip_weights: str | Path | None = None,
-                        progress: bool = False, backbone: str | None = None) -> DiagnosticModel:
+                        progress: bool = False, backbone: str | None = None, clip_epochs: int | None = None,
+                        ) -> DiagnosticModel:
     """Baseline-CLIP for `task`: contrastive pretraining on reports, then fine-tuning the image trunk + linear head.
 
     Pretraining uses every row of `pretrain_df` (default: all rows of
     `train_df`, normal images included: a report needs no task label), starting
-    from `clip_weights` when given. Fine-tuning follows BUS-DM's recipe
+    from `clip_weights` when given, for `clip_epochs` (default: the profile's; 0 with
+    weights from `pretrained_clip`: fine-tuning only). Fine-tuning follows BUS-DM's recipe
     (`lr`/`epochs` default to the profile's) on the task's rows of `train_df`. `backbone` replaces the profile's
     image tower (`classifier.downstream_settings`), as for BUS-DM.
     """
     settings = downstream_settings(profile, backbone)
     lr, epochs = lr if lr is not None else settings.lr, epochs if epochs is not None else settings.epochs
     corpus = train_df if pretrain_df is None else pretrain_df
-    torch.manual_seed(seed)
-    clip = build_clip(settings)
-    if clip_weights is not None:
-        load_clip_weights(clip_weights, clip)
-    reports = [compose_report(row) for _, row in corpus.iterrows()]
-    pretrain_clip(clip, as_inputs(corpus, settings.input_size), reports, settings, seed, progress)
+    clip_epochs = settings.clip_epochs if clip_epochs is None else clip_epochs
+    clip = _contrastive_clip(corpus, settings, seed, clip_weights, clip_epochs, progress)
 
     rows, y = task.select(train_df)
     network = clip.visual.trunk
@@ -155,8 +192,9 @@ def train_baseline_clip(train_df: pd.DataFrame, task: Task, profile: str, seed: 
     network.reset_classifier(2)  # the linear head on the CLIP image trunk (timm's classifier)
     fit_classifier(network, as_inputs(rows, settings.input_size), y, settings, lr, epochs, seed, progress)
     record = make_record("baseline-clip", task, settings, profile, seed, lr, epochs, rows, y, sources)
-    record["clip"] = {"pretrain_rows": len(corpus), "pretrain_rows_sha256": rows_fingerprint(corpus),
-                      "clip_epochs": settings.clip_epochs, "embed_dim": settings.clip_embed_dim,
+    pretrained_here = corpus if clip_epochs else corpus.iloc[:0]  # clip_epochs 0: the weights carry the pretraining
+    record["clip"] = {"pretrain_rows": len(pretrained_here), "pretrain_rows_sha256": rows_fingerprint(pretrained_here),
+                      "clip_epochs": clip_epochs, "embed_dim": settings.clip_embed_dim,
                       "weights": None if clip_weights is None else {"path": str(Path(clip_weights).resolve()),
                                                                     "sha256": file_sha256(clip_weights)}}
     return DiagnosticModel(network.eval(), record)

@@ -51,6 +51,8 @@ def train_fn(model: str, task: Task, profile: str, *, select_dir: str | Path | N
         return trainer(rows, task, profile, seed=seed, **chosen).predict_proba
 
     fit.recipe = recipe
+    if select_dir is not None:  # the choice a study computes once per training set, before its seeds run in parallel
+        fit.prepare = lambda rows: selected(trainer, rows, task, profile, select_dir, recipe)
     return fit
 
 

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 from sklearn.metrics import log_loss, roc_auc_score
-from tqdm.auto import tqdm
 
 from busgen_lib.data.dataset import derive_seed
 from busgen_lib.data.manifest import rows_fingerprint
@@ -28,6 +27,7 @@ from busgen_lib.errors import UsageError
 from busgen_lib.plotting import PALETTE
 from busgen_lib.evaluate.training import SEED_LIMIT, TrainFn, probabilities, recipe_of
 from busgen_lib.evaluate.utility import binary_task
+from busgen_lib.parallel import imap_jobs
 
 RESULT_COLUMNS = ("name", "size", "repeat", "seed", "n_train", "n_pos_train", "n_patients", "auc", "loss")
 
@@ -78,7 +78,7 @@ def feasible_sizes(pools: Sequence[pd.DataFrame], sizes: Sequence[int], *, colum
 def scaling_curve(train_fn: TrainFn, pool: pd.DataFrame, test_df: pd.DataFrame, sizes: Sequence[int], repeats: int,
                   results_csv: str | Path, *, name: str = "", seed: int = 0, column: str = "pathology",
                   negative: str = "benign", positive: str = "malignant", group: str = "patient_id",
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, workers: int | None = None) -> pd.DataFrame:
     """One row per (size, repeat): training set counts, test AUC and test loss (sklearn log_loss).
 
     Rows already in `results_csv` (from an interrupted run with the same seed)
@@ -99,14 +99,19 @@ def scaling_curve(train_fn: TrainFn, pool: pd.DataFrame, test_df: pd.DataFrame, 
     jobs = [(int(s), r) for s in sorted(set(sizes)) for r in range(repeats)]
     todo = [job for job in jobs if job not in set(zip(done["size"], done["repeat"]))]
     path.parent.mkdir(parents=True, exist_ok=True)
-    for size, repeat in tqdm(todo, desc=f"scaling {name}".strip(), unit="fit", disable=not progress):
+
+    def fit(job: tuple[int, int]) -> dict:
+        size, repeat = job
         s = repeat_seed(seed, repeat)
         subset = draw_subset(pool, size, s, column=column, negative=negative, positive=positive, group=group)
         p = probabilities(train_fn(subset, s), test_rows)
-        row = {"name": name, "size": size, "repeat": repeat, "seed": s, "n_train": len(subset),
-               "n_pos_train": int((subset[column].astype(str) == positive).sum()),
-               "n_patients": subset[group].nunique(), "auc": roc_auc_score(y_test, p),
-               "loss": log_loss(y_test, p, labels=[0, 1])}
+        return {"name": name, "size": size, "repeat": repeat, "seed": s, "n_train": len(subset),
+                "n_pos_train": int((subset[column].astype(str) == positive).sum()),
+                "n_patients": subset[group].nunique(), "auc": roc_auc_score(y_test, p),
+                "loss": log_loss(y_test, p, labels=[0, 1])}
+
+    # fits in `workers` processes (parallel.imap_jobs); the parent appends each row as it arrives
+    for row in imap_jobs(todo, fit, workers, progress=progress, desc=f"scaling {name}".strip()):
         pd.DataFrame([row], columns=RESULT_COLUMNS).to_csv(path, mode="a", header=not path.exists(), index=False)
     results = _load_results(path, seed)
     wanted = pd.MultiIndex.from_tuples(jobs, names=["size", "repeat"])

@@ -17,6 +17,7 @@ so the study runs with BUS-DM, Baseline-CLIP or any user model.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,7 +27,6 @@ import pandas as pd
 from PIL import Image
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score, roc_curve
-from tqdm.auto import tqdm
 
 from busgen_lib import plotting
 from busgen_lib.data import catalog
@@ -35,6 +35,7 @@ from busgen_lib.data.schema import parse_boxes
 from busgen_lib.evaluate.scaling import mean_ci
 from busgen_lib.evaluate.stats import auc_ci, delong_test
 from busgen_lib.evaluate.training import TrainFn, probabilities, recipe_of
+from busgen_lib.parallel import run_jobs
 
 TASK = ("benign", "malignant")  # negative, positive
 REAL, GENERATED, BOTH = "real", "generated", "generated + real"
@@ -75,9 +76,11 @@ def labels(df: pd.DataFrame) -> np.ndarray:
     return (df["pathology"].astype(str) == TASK[1]).to_numpy(np.int64)
 
 
-def design(pool: str | Path, held_out_manifest: str | Path, generated: str | Path | None,
+def design(pool: str | Path, held_out_manifest: str | Path, generated: str | Path | pd.DataFrame | None,
            ) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
     """Training arms (real, generated, generated + real) and test sets (internal, external).
+
+    `generated` is a sampling folder's manifest or its rows (e.g. one lever's set, `levers.lever_sets`).
 
     Real training rows are the pool's train and val splits (model selection
     happens by cross-validation inside them); the internal test is the pool's
@@ -85,7 +88,9 @@ def design(pool: str | Path, held_out_manifest: str | Path, generated: str | Pat
     benign or malignant image of the held-out set.
     """
     real_df = absolute(read_manifest(pool))
-    gen = None if generated is None else task_rows(absolute(read_manifest(generated)))
+    if generated is not None and not isinstance(generated, pd.DataFrame):
+        generated = absolute(read_manifest(generated))
+    gen = None if generated is None else task_rows(generated)
     tests = {"internal": task_rows(real_df[real_df["split"].astype(str) == "test"]),
              "external": task_rows(absolute(read_manifest(held_out_manifest)))}
     return _arms(task_rows(real_df[real_df["split"].astype(str).isin(["train", "val"])]), gen), tests
@@ -135,25 +140,32 @@ def digest(df: pd.DataFrame) -> str:
 
 def score_arms(arms: Mapping[str, pd.DataFrame], tests: Mapping[str, pd.DataFrame], train_fn: TrainFn,
                seeds: Sequence[int], out_dir: str | Path, *, model_name: str = "model", progress: bool = True,
-               ) -> pd.DataFrame:
+               workers: int | None = None) -> pd.DataFrame:
     """Train `train_fn` on every arm with every seed and score every test set; one row per (arm, seed, test image).
 
     Each (arm, seed) is written to `out_dir/<model_name>/<arm>/seed<k>.csv` as it
     finishes, stamped with the digests of its training and test rows and the
     TrainFn's recipe, so a rerun after a kill trains only what is missing and
-    never reuses scores of other data or another model.
+    never reuses scores of other data or another model. Missing fits run in
+    `workers` processes (`parallel.run_jobs`; default: one per core); a TrainFn's
+    `prepare(rows)` (the cross-validated choice) runs first, once per arm.
     """
     out_dir = Path(out_dir) / model_name
     stamp = {"tests": {name: digest(df) for name, df in tests.items()}, "recipe": recipe_of(train_fn)}
-    jobs = [(arm, seed) for arm in arms for seed in seeds]
-    frames = []
-    for arm, seed in tqdm(jobs, desc=f"{model_name}: arms x seeds", disable=not progress):
+
+    def files(job: tuple[str, int]) -> tuple[Path, Path, dict]:
+        arm, seed = job
         path = out_dir / arm.replace(" ", "") / f"seed{seed}.csv"
-        job_stamp = stamp | {"train": digest(arms[arm]), "seed": int(seed)}
-        stamp_path = path.with_suffix(".json")
+        return path, path.with_suffix(".json"), stamp | {"train": digest(arms[arm]), "seed": int(seed)}
+
+    def saved(job: tuple[str, int]) -> pd.DataFrame | None:
+        path, stamp_path, job_stamp = files(job)
         if path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == job_stamp:
-            frames.append(pd.read_csv(path))
-            continue
+            return pd.read_csv(path)
+        return None
+
+    def fit_and_score(job: tuple[str, int]) -> pd.DataFrame:
+        (arm, seed), (path, stamp_path, job_stamp) = job, files(job)
         score = train_fn(arms[arm], int(seed))
         parts = [pd.DataFrame({"arm": arm, "seed": int(seed), "test": name, "row": np.arange(len(df)),
                                "image": df["image"].astype(str).to_numpy(), "y": labels(df),
@@ -161,12 +173,19 @@ def score_arms(arms: Mapping[str, pd.DataFrame], tests: Mapping[str, pd.DataFram
                  for name, df in tests.items()]
         frame = pd.concat(parts, ignore_index=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         frame.to_csv(tmp, index=False)
         tmp.replace(path)  # atomic: a killed job leaves no half-written scores
         stamp_path.write_text(json.dumps(job_stamp))
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+        return frame
+
+    frames = {job: saved(job) for job in [(arm, seed) for arm in arms for seed in seeds]}
+    pending = [job for job, frame in frames.items() if frame is None]
+    for arm in dict.fromkeys(arm for arm, _ in pending):
+        getattr(train_fn, "prepare", lambda rows: None)(arms[arm])  # before the seeds fork: computed once
+    frames |= dict(zip(pending, run_jobs(pending, fit_and_score, workers, progress=progress,
+                                         desc=f"{model_name}: arms x seeds")))
+    return pd.concat(frames.values(), ignore_index=True)
 
 
 # ------------------------------------------------------------------ summaries

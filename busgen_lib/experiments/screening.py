@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +19,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from busgen_lib import plotting
 from busgen_lib.data.manifest import read_manifest
@@ -26,6 +26,7 @@ from busgen_lib.downstream.detector import train_detector, training_steps
 from busgen_lib.evaluate.detection import Prediction, evaluate_detection, paired_bootstrap_p, small_area_threshold
 from busgen_lib.evaluate.scaling import mean_ci
 from busgen_lib.experiments.generalisation import absolute, combine, digest
+from busgen_lib.parallel import run_jobs
 from busgen_lib.profiles import detector_settings
 
 # The paper's Fig 3b-c: AP at IoU 0.5 overall and for the smallest 30% of lesions, baseline vs BUS-DM.
@@ -39,30 +40,49 @@ def step_matched_epochs(df: pd.DataFrame, reference_df: pd.DataFrame, profile: s
     return math.ceil(training_steps(reference_df, profile) / per_epoch)
 
 
+def detection_arms(real: pd.DataFrame, generated: pd.DataFrame, profile: str,
+                   ) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
+    """Fig 3b-c's arms and their settings: real, real + generated (requested boxes as labels), and the real images
+    for as many optimiser steps as the augmented arm (`step_matched_epochs`), for `detection_runs`."""
+    arms = {"real": real, "real + generated": combine(real, generated), "real, as many steps": real}
+    return arms, {"real, as many steps": {"epochs": step_matched_epochs(real, arms["real + generated"], profile)}}
+
+
 def detection_runs(arms: Mapping[str, pd.DataFrame], test_df: pd.DataFrame, seeds: Sequence[int], profile: str,
-                   out_dir: str | Path, progress: bool = True, overrides: Mapping[str, dict] | None = None
-                   ) -> dict[tuple[str, int], list[Prediction]]:
+                   out_dir: str | Path, progress: bool = True, overrides: Mapping[str, dict] | None = None,
+                   workers: int | None = None) -> dict[tuple[str, int], list[Prediction]]:
     """Test-set predictions of one detector per (arm, seed), trained now or read back from `out_dir`; `overrides`
-    gives an arm its own detector settings (e.g. `{"real, as many steps": {"epochs": 9}}`)."""
-    out_dir, runs = Path(out_dir), {}
-    test_stamp = digest(test_df)
-    for arm, seed in tqdm([(a, s) for a in arms for s in seeds], desc="detectors", disable=not progress):
-        arm_overrides = (overrides or {}).get(arm, {})
+    gives an arm its own detector settings (e.g. `{"real, as many steps": {"epochs": 9}}`). Missing detectors
+    train in `workers` processes (`parallel.run_jobs`; default: one per core)."""
+    out_dir, test_stamp = Path(out_dir), digest(test_df)
+
+    def files(job: tuple[str, int]) -> tuple[Path, dict]:
+        arm, seed = job
         # as JSON gives it back (lists)
-        settings = json.loads(json.dumps(asdict(detector_settings(profile, **arm_overrides))))
+        settings = json.loads(json.dumps(asdict(detector_settings(profile, **(overrides or {}).get(arm, {})))))
         path = out_dir / arm.replace(" ", "").replace(",", "") / f"seed{seed}.json"
-        stamp = {"train": digest(arms[arm]), "test": test_stamp, "seed": int(seed), "settings": settings}
-        if path.exists() and (saved := json.loads(path.read_text()))["stamp"] == stamp:
-            runs[(arm, seed)] = [{k: np.asarray(v) for k, v in p.items()} for p in saved["predictions"]]
-            continue
+        return path, {"train": digest(arms[arm]), "test": test_stamp, "seed": int(seed), "settings": settings}
+
+    def saved(job: tuple[str, int]) -> list[Prediction] | None:
+        path, stamp = files(job)
+        if path.exists() and (data := json.loads(path.read_text()))["stamp"] == stamp:
+            return [{k: np.asarray(v) for k, v in p.items()} for p in data["predictions"]]
+        return None
+
+    def train_and_predict(job: tuple[str, int]) -> list[Prediction]:
+        (arm, seed), (path, stamp) = job, files(job)
         predictions = train_detector(arms[arm], profile, seed=int(seed), progress=False,
-                                     **arm_overrides).predict(test_df)
+                                     **(overrides or {}).get(arm, {})).predict(test_df)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"stamp": stamp, "predictions": [{k: np.asarray(v).tolist() for k, v in p.items()}
                                                                     for p in predictions]}))
         tmp.replace(path)  # atomic
-        runs[(arm, seed)] = predictions
+        return predictions
+
+    runs = {job: saved(job) for job in [(a, s) for a in arms for s in seeds]}
+    pending = [job for job, predictions in runs.items() if predictions is None]
+    runs |= dict(zip(pending, run_jobs(pending, train_and_predict, workers, progress=progress, desc="detectors")))
     return runs
 
 
@@ -129,8 +149,7 @@ def held_out_detection(pool: str | Path, held_out: str | Path, generated: pd.Dat
     train = pool_df[pool_df["split"].astype(str).isin(["train", "val"])]
     test_df = pd.concat([pool_df[pool_df["split"].astype(str) == "test"].assign(test="internal"),
                          absolute(read_manifest(held_out)).assign(test="external")], ignore_index=True)
-    arms = {"real": train, "real + generated": combine(train, generated), "real, as many steps": train}
-    control = {"real, as many steps": {"epochs": step_matched_epochs(train, arms["real + generated"], profile)}}
+    arms, control = detection_arms(train, generated, profile)
     runs = detection_runs(arms, test_df, seeds, profile, out_dir, progress=progress, overrides=control)
     threshold = small_area_threshold(train)
     augmented = {key: p for key, p in runs.items() if key[0] != "real"}
