@@ -7,7 +7,8 @@ from scipy import stats
 from sklearn.metrics import log_loss, roc_auc_score
 
 from busgen_lib.errors import UsageError
-from busgen_lib.evaluate.scaling import draw_subset, feasible_sizes, repeat_seed, scaling_curve, scaling_summary
+from busgen_lib.evaluate.scaling import (draw_subset, feasible_sizes, repeat_seed, results_file, scaling_curve,
+                                         scaling_summary)
 
 
 def _pool(n_patients=60, seed=0) -> pd.DataFrame:
@@ -101,6 +102,24 @@ def test_a_curve_in_two_processes_writes_the_rows_one_process_writes(tmp_path):
                              workers=2)
     pd.testing.assert_frame_equal(parallel, serial)
     assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()  # appended in job order
+
+
+def test_results_files_differ_exactly_when_pool_test_set_or_recipe_do(tmp_path):
+    pool, test = _pool(), _pool(n_patients=30, seed=9)
+
+    def other_model(train, seed):
+        return _sigmoid_of_x(train, seed)
+
+    other_model.recipe = {"model": "other"}
+    path = results_file(tmp_path, "real", _sigmoid_of_x, pool, test)
+    assert path.parent == tmp_path and path.name.startswith("real-") and path.suffix == ".csv"
+    assert results_file(tmp_path, "real", _sigmoid_of_x, pool.copy(), test.copy()) == path
+    others = [results_file(tmp_path, "real", _sigmoid_of_x, _pool(seed=3), test),
+              results_file(tmp_path, "real", _sigmoid_of_x, pool, _pool(n_patients=30, seed=4)),
+              results_file(tmp_path, "real", other_model, pool, test)]
+    assert len({path, *others}) == 4
+    scaling_curve(_sigmoid_of_x, pool, test, [4], 1, path, progress=False, workers=1)
+    scaling_curve(other_model, pool, test, [4], 1, others[2], progress=False, workers=1)  # not refused: its own file
 
 
 def test_results_of_another_pool_test_set_or_recipe_are_refused(tmp_path):

@@ -11,6 +11,7 @@ stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,8 +94,7 @@ def scaling_curve(train_fn: TrainFn, pool: pd.DataFrame, test_df: pd.DataFrame, 
     if y_test.min(initial=1) == y_test.max(initial=0):
         raise UsageError(f"the test set needs both {negative!r} and {positive!r} rows in {column!r}")
     path = Path(results_csv)
-    _check_stamp(path, {"pool": rows_fingerprint(pool), "test": rows_fingerprint(test_df),
-                        "recipe": recipe_of(train_fn)})
+    _check_stamp(path, _stamp(pool, test_df, train_fn))
     done = _load_results(path, seed)
     jobs = [(int(s), r) for s in sorted(set(sizes)) for r in range(repeats)]
     todo = [job for job in jobs if job not in set(zip(done["size"], done["repeat"]))]
@@ -116,6 +116,17 @@ def scaling_curve(train_fn: TrainFn, pool: pd.DataFrame, test_df: pd.DataFrame, 
     results = _load_results(path, seed)
     wanted = pd.MultiIndex.from_tuples(jobs, names=["size", "repeat"])
     return results.set_index(["size", "repeat"]).loc[wanted].reset_index()[list(RESULT_COLUMNS)]
+
+
+def results_file(folder: str | Path, name: str, train_fn: TrainFn, pool: pd.DataFrame, test_df: pd.DataFrame) -> Path:
+    """`folder/<name>-<key>.csv`, the key naming the pool, test set and recipe: a study whose data or model changed
+    starts a new curve instead of being refused by the old one's file (`scaling_curve` never mixes them)."""
+    key = hashlib.sha256(json.dumps(_stamp(pool, test_df, train_fn), sort_keys=True).encode()).hexdigest()[:12]
+    return Path(folder) / f"{name}-{key}.csv"
+
+
+def _stamp(pool: pd.DataFrame, test_df: pd.DataFrame, train_fn: TrainFn) -> dict:
+    return {"pool": rows_fingerprint(pool), "test": rows_fingerprint(test_df), "recipe": recipe_of(train_fn)}
 
 
 def _check_stamp(path: Path, stamp: dict) -> None:
