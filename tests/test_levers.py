@@ -145,3 +145,17 @@ def test_the_lever_study_tables_every_lever_against_the_first(smoke_model, tiny_
     assert table["extra CPU-min"].iloc[0] == 0 and np.isnan(table["diff_mean"].iloc[0])
     assert (table["extra CPU-min"].iloc[1:] < 0).all()  # fewer images, and no unconditional branch: cheaper
     assert table["seeds"].tolist() == [2, 2, 2]
+
+    # given the sets it already has, the study samples nothing and scores them as it would have sampled them
+    import busgen_lib.experiments.levers as levers_module
+
+    sets = lever_sets(levers, tmp_path / "study", seed=0)
+    original = levers_module.lever_sets
+    levers_module.lever_sets = lambda *a, **k: pytest.fail("sampled again")
+    try:
+        again = lever_study(levers, tiny_phantom, test, train_fn("bus-dm", Task.parse("benign-malignant"), "smoke"),
+                            [0, 1], "smoke", tmp_path / "study", sets=sets)
+    finally:
+        levers_module.lever_sets = original
+    timed = ["CPU-min", "extra CPU-min", "gain per extra CPU-min"]  # priced at a rate measured each run
+    pd.testing.assert_frame_equal(again.drop(columns=timed), table.drop(columns=timed))

@@ -59,10 +59,12 @@ def one_knob_levers(generator: Path, n: int, sampling: Mapping, images: Sequence
 
 
 def lever_study(levers: Sequence[Lever], pool: str | Path, test: pd.DataFrame, train_fn: TrainFn,
-                seeds: Sequence[int], profile: str, out_dir: str | Path, seed: int = 0) -> pd.DataFrame:
+                seeds: Sequence[int], profile: str, out_dir: str | Path, seed: int = 0,
+                sets: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """`lever_table` of BUS-DM trained on each lever's set and scored on `test` (the external set), against the
-    first lever; costs counted on `pool` (the generator's training data), priced at this machine's sampling rate."""
-    sets = lever_sets(levers, out_dir, seed)
+    first lever; costs counted on `pool` (the generator's training data), priced at this machine's sampling rate.
+    `sets`: the levers' sets when the caller already has them (`lever_sets`), else sampled here."""
+    sets = lever_sets(levers, out_dir, seed) if sets is None else sets
     per_seed = lever_scores(sets, {"external": test}, train_fn, seeds, out_dir)
     reference = levers[0]
     return lever_table(per_seed, lever_costs(levers, pool, profile), reference.name,
