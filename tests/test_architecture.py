@@ -20,7 +20,7 @@ ALLOWED = {
     "reader_study": {"data", "evaluate"},
     "widgets": {"data", "diffusion"},  # the interactive generator sits on top, like plotting (notebooks use it)
 }
-BASE = {"errors", "parallel", "profiles"}
+BASE = {"atomic", "errors", "parallel", "profiles"}
 
 
 def _imports() -> list[tuple[str, str, str]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from busgen_lib.atomic import atomic_path
 from busgen_lib.data.pixels import pixel_range_problem
 from busgen_lib.data.schema import (
     BIRADS,
@@ -136,17 +136,11 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     for column in ("image", "mask"):
         if column in out:
             out[column] = [_rebase(str(v), source_root, path.parent) for v in out[column]]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if suffix == ".csv":
             out.to_csv(tmp, index=False)
         else:
             out.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from busgen_lib.atomic import atomic_path
 from busgen_lib.data.dataset import derive_seed
 from busgen_lib.profiles import CYCLEGAN, get_profile
 
@@ -287,9 +287,8 @@ def _save_checkpoint(path: Path, step: int, model: CycleGAN, optimizers: dict[st
         if (stored := pool.state()) is not None:
             tensors[f"pool.{name}"] = stored
     meta = {**identity, "step": step, "train_seconds": model.train_seconds, "param_groups": groups}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata={"state": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"state": json.dumps(meta)})
 
 
 def _load_checkpoint(path: Path, model: CycleGAN, optimizers: dict[str, torch.optim.Optimizer],

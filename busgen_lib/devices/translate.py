@@ -14,11 +14,10 @@ Their evaluation on the phantom, where the truth is known, lives in
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from busgen_lib.atomic import atomic_path, write_text_atomic
 from busgen_lib.data.dataset import derive_seed
 from busgen_lib.data.manifest import resolve, write_manifest
 from busgen_lib.devices.cyclegan import CycleGANConfig, ResnetGenerator, cyclegan_config, train_cyclegan
@@ -40,12 +40,6 @@ BATCH = 64  # images per translation batch
 def device_slug(device: str) -> str:
     """A file-name-safe form of a device name ("Vendor-A L12-5" -> "Vendor-A_L12-5")."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", device)
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- translators
@@ -65,11 +59,12 @@ class Translator:
         """`<slug>.safetensors` (weights), then `<slug>.json` (device, image size, config): the JSON marks it done."""
         slug = device_slug(self.device)
         state = {k: v.detach().cpu().contiguous() for k, v in self.generator.state_dict().items()}
-        _write_atomic(folder / f"{slug}.safetensors", lambda p: save_file(state, p))
+        with atomic_path(folder / f"{slug}.safetensors") as tmp:
+            save_file(state, tmp)
         meta = {"device": self.device, "image_size": self.config.image_size, "source_devices": list(self.source_devices),
                 "seed": self.seed, "train_seconds": self.train_seconds, "config": asdict(self.config),
                 "weights": f"{slug}.safetensors"}
-        _write_atomic(folder / f"{slug}.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+        write_text_atomic(folder / f"{slug}.json", json.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, meta_path: Path) -> Translator:

@@ -32,6 +32,7 @@ from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from tqdm.auto import tqdm
 
+from busgen_lib.atomic import atomic_path, write_text_atomic
 from busgen_lib.data.manifest import write_manifest
 from busgen_lib.data.schema import BOXES_MISSING, COLUMNS, format_boxes
 from busgen_lib.diffusion.plan import Request
@@ -116,9 +117,8 @@ def _save_image(out_dir: Path, request: Request, image: np.ndarray, ext: str, ge
     """Write one image atomically and return its manifest row."""
     relative = f"{IMAGE_DIR}/{request.index:08d}.{ext}"
     path = out_dir / relative
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(image).save(tmp, format=_image_format(ext))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format=_image_format(ext))
     return _manifest_row(request, relative, generator)
 
 
@@ -171,14 +171,15 @@ def _prepare(out_dir: Path, plan: Sequence[Request], num_shards: int, settings: 
         _check_same_plan(previous, plan, stored)
         _check_same_settings(stored_settings, settings)
         if len(plan) > len(previous):  # a grown set: the stored requests are its first ones, kept, not resampled
-            _write_json_atomically(stored, {"format": PLAN_FORMAT, "requests": [r.to_json() for r in plan]})
+            write_text_atomic(stored, json.dumps({"format": PLAN_FORMAT, "requests": [r.to_json() for r in plan]}))
     elif leftovers:
         raise UsageError(f"{out_dir}: holds images/ or shards/ but no {PLAN_FILE}; it is not a resumable sampling "
                          "folder, choose a fresh --out")
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomically(stored_settings, settings)  # before the plan, which marks the folder as started
-        _write_json_atomically(stored, {"format": PLAN_FORMAT, "requests": [r.to_json() for r in plan]})
+        # concurrent shards may all write these (identical) files
+        write_text_atomic(stored_settings, json.dumps(settings))  # before the plan, which marks the folder as started
+        write_text_atomic(stored, json.dumps({"format": PLAN_FORMAT, "requests": [r.to_json() for r in plan]}))
     (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / SHARD_DIR).mkdir(exist_ok=True)
     _check_shard_layout(out_dir, num_shards)
@@ -241,13 +242,6 @@ def _check_shard_layout(out_dir: Path, num_shards: int) -> None:
         raise UsageError(f"{out_dir / SHARD_DIR} holds parts written by {others[0]} processes; resume with "
                          f"{others[0]} processes (`accelerate launch --num_processes {others[0]}`), "
                          "or use a fresh --out")
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    """Concurrent shards may all write the (identical) plan: a per-process temp file and os.replace keep it whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- merging

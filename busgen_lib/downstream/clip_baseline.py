@@ -26,6 +26,7 @@ from open_clip.factory import load_checkpoint
 from open_clip.loss import ClipLoss
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
+from busgen_lib.atomic import atomic_path
 from busgen_lib.downstream.classifier import (DiagnosticModel, create_backbone, downstream_settings, fit_classifier,
                                               make_record)
 from busgen_lib.downstream.tasks import Task
@@ -160,9 +161,8 @@ def pretrained_clip(corpus: pd.DataFrame, profile: str, out_dir: str | Path, see
     if not path.exists():
         clip = _contrastive_clip(corpus, settings, seed, None, settings.clip_epochs, progress)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(clip.state_dict(), tmp)
-        tmp.replace(path)  # atomic: a kill never leaves half a file to be read back
+        with atomic_path(path) as tmp:
+            torch.save(clip.state_dict(), tmp)
     return path
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from busgen_lib.atomic import write_text_atomic
 from busgen_lib.data.manifest import rows_fingerprint
 from busgen_lib.downstream.classifier import train_classifier
 from busgen_lib.downstream.clip_baseline import train_baseline_clip
@@ -66,10 +67,8 @@ def selected(trainer: Trainer, rows: pd.DataFrame, task: Task, profile: str, sel
         return saved["best"]
     result = cross_validate(trainer, rows, task, profile)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"recipe": stamp, "best": result.best, "n_train": len(rows),
-                               "folds": result.table.to_dict(orient="records")}, indent=1))
-    tmp.replace(path)   # atomic: a kill never leaves half a choice
+    write_text_atomic(path, json.dumps({"recipe": stamp, "best": result.best, "n_train": len(rows),
+                                        "folds": result.table.to_dict(orient="records")}, indent=1))
     return result.best
 
 

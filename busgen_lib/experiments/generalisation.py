@@ -17,7 +17,6 @@ so the study runs with BUS-DM, Baseline-CLIP or any user model.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from PIL import Image
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from busgen_lib.atomic import atomic_path
 from busgen_lib import plotting
 from busgen_lib.data import catalog
 from busgen_lib.data.manifest import read_manifest, resolve, rows_fingerprint
@@ -173,9 +173,8 @@ def score_arms(arms: Mapping[str, pd.DataFrame], tests: Mapping[str, pd.DataFram
                  for name, df in tests.items()]
         frame = pd.concat(parts, ignore_index=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        frame.to_csv(tmp, index=False)
-        tmp.replace(path)  # atomic: a killed job leaves no half-written scores
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
         stamp_path.write_text(json.dumps(job_stamp))
         return frame
 

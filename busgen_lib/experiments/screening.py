@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from busgen_lib.atomic import write_text_atomic
 from busgen_lib import plotting
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.downstream.detector import train_detector, training_steps
@@ -74,10 +74,8 @@ def detection_runs(arms: Mapping[str, pd.DataFrame], test_df: pd.DataFrame, seed
         predictions = train_detector(arms[arm], profile, seed=int(seed), progress=False,
                                      **(overrides or {}).get(arm, {})).predict(test_df)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"stamp": stamp, "predictions": [{k: np.asarray(v).tolist() for k, v in p.items()}
-                                                                    for p in predictions]}))
-        tmp.replace(path)  # atomic
+        write_text_atomic(path, json.dumps({"stamp": stamp, "predictions": [
+            {k: np.asarray(v).tolist() for k, v in p.items()} for p in predictions]}))
         return predictions
 
     runs = {job: saved(job) for job in [(a, s) for a in arms for s in seeds]}

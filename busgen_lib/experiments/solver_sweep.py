@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from busgen_lib.atomic import atomic_path
 from busgen_lib.diffusion.model import BUSGenUNet
 from busgen_lib.diffusion.pipeline import sample_images
 from busgen_lib.diffusion.plan import Request
@@ -97,10 +97,9 @@ def draw(model: BUSGenUNet, requests: Sequence[Request], setting: Setting, guida
                            speed=Speed(precision=setting.precision))
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     pixels = ((images + 1.0) * 127.5).round().to(torch.uint8)
-    torch.save({"key": key, "images": pixels, "seconds": seconds}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"key": key, "images": pixels, "seconds": seconds}, tmp)
     return images, seconds
 
 
