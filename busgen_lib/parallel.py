@@ -44,7 +44,8 @@ def imap_jobs(jobs: Sequence[Any], work: Callable[[Any], Any], workers: int | No
     """`run_jobs` as results arrive (in job order), for a caller that saves each one as soon as it has it."""
     workers = default_workers() if workers is None else workers
     bar = functools.partial(tqdm, total=len(jobs), desc=desc, disable=not progress)
-    if workers <= 1 or len(jobs) <= 1:
+    # inside a pool's worker (a daemon, which may not fork children: e.g. a cross-validation run by a fit): in line
+    if workers <= 1 or len(jobs) <= 1 or multiprocessing.current_process().daemon:
         yield from (work(job) for job in bar(jobs))
         return
     global _WORK

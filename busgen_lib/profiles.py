@@ -242,12 +242,16 @@ class StudySettings:
     phantom_generated: int          # generated benign/malignant images from the phantom BUSGen (notebook 07)
     scaling_sizes: tuple[int, ...]  # training-set sizes of the data-scaling curves (Fig 4e)
     detector_repeats: int           # seeds per detector arm (Fig 3b-c): detectors cost the most
+    scaling_repeats: int = 5        # random training sets per size of a scaling curve (§4.4: 5)
     shortcut_strength: float = 0.8  # phi between pathology and device group in the biased training set
     external_devices: int = 4       # phantom devices held out as "other hospitals" (internal vs external, Fig 4f-g)
     # The lever study of the real-data design (notebook 07, experiments/levers.py): generated-set sizes and
     # guidance weights tried beside lodo_generated and the sampling default, one knob at a time.
     lever_images: tuple[int, ...] = ()
     lever_guidance: tuple[float, ...] = ()
+    # ... and variants of the study's generator (name: pretrain's {"train": overrides, "model": overrides}), each
+    # trained on the same pool: the levers of training steps, network width and resolution.
+    lever_generators: dict = field(default_factory=dict)
     # The real-data study's guidance weight (its generated arm and the lever study's reference); None: the sampling
     # default. demo 3.5: the lever study on the 1.8 default (BUSI held out, 3 seeds) found guidance 0 -> 1.8 -> 3.5
     # gave external AUC 0.547 -> 0.594 -> 0.621 at no extra cost, the cheapest lever measured (600 -> 1,200 images:
@@ -272,13 +276,22 @@ class StudySettings:
 
 STUDY: dict[str, StudySettings] = {
     "smoke": StudySettings(held_out=("busi",), lodo_generated=32, phantom_generated=160,
-                           scaling_sizes=(8, 16, 32), detector_repeats=1, lever_images=(16, 64),
-                           lever_guidance=(0.0,), phantom_backbone="test_resnet"),
+                           scaling_sizes=(8, 16, 32), detector_repeats=1, scaling_repeats=2, lever_images=(16, 64),
+                           lever_guidance=(0.0,), phantom_backbone="test_resnet",
+                           lever_generators={"12 steps": {"train": {"steps": 12}}, "16 px": {"model": {"image_size": 16}}}),
     # demo: one held-out set (BUSI, the paper's Fig 4e set): a BUS-DM fit of ~1,000 images costs ~2 CPU-minutes
     # on the 2-core machine, and the study trains 3 arms x 3 seeds of BUS-DM plus Baseline-CLIP per fold.
     "demo": StudySettings(held_out=("busi",), lodo_generated=600, phantom_generated=1000,
-                          scaling_sizes=(50, 100, 200, 400, 800), detector_repeats=2,
-                          lever_images=(300, 1200), lever_guidance=(1.8, 5.0), lodo_guidance=3.5,
+                          # the real-data pool (BUSI held out: 160 malignant) fills class-balanced sets up to 320,
+                          # so five sizes reach 300; the phantom's real pool 400, its generated one 800
+                          scaling_sizes=(25, 50, 100, 200, 300, 400, 800), detector_repeats=2,
+                          lever_images=(300, 1200), lever_guidance=(3.5, 7.0), lodo_guidance=5.0,
+                          # the generator's levers, each moved down from the reference (1,500 steps, widths 16-128,
+                          # 64 px: 25 CPU-min): up would cost 2-4x the reference's training on 2 cores
+                          lever_generators={"750 steps": {"train": {"steps": 750}},
+                                            "half width": {"model": {"block_out_channels": (8, 24, 48, 64),
+                                                                     "norm_num_groups": 8}},
+                                            "32 px": {"model": {"image_size": 32}}},
                           phantom_backbone="test_resnet", phantom_epochs=30, screening_detection_images=600),
     "paper": StudySettings(held_out=("busi", "bus_uclm", "breast_lesions_usg"), lodo_generated=20_000,
                            phantom_generated=100_000, scaling_sizes=(1_000, 3_000, 10_000, 30_000, 100_000),

@@ -148,10 +148,27 @@ def test_cross_validation_groups_by_patient_and_picks_the_best_mean(bright_dark,
     def trainer(train, task, profile, seed, lr, epochs):
         return Fake(train, lr, epochs)
 
-    result = cross_validate(trainer, df, Task.parse("benign-malignant"), "smoke")
-    assert len(result.table) == 2 * 2 * 3 and all(not s for s in seen)
+    result = cross_validate(trainer, df, Task.parse("benign-malignant"), "smoke", workers=1)  # `seen` is ours
+    assert len(result.table) == 2 * 2 * 3 and len(seen) == 12 and all(not s for s in seen)
     assert result.best == {"lr": 0.2, "epochs": 1}
     assert result.summary.iloc[0]["mean_auc"] == 1.0
+
+
+def test_cross_validation_in_worker_processes_gives_the_table_of_one_process(bright_dark, monkeypatch):
+    from dataclasses import replace
+
+    from busgen_lib import profiles
+    from busgen_lib.downstream.recipes import TRAINERS
+
+    monkeypatch.setitem(profiles.DOWNSTREAM, "smoke", replace(profiles.DOWNSTREAM["smoke"], cv_folds=2,
+                                                               lr_grid=(1e-4, 1e-3), epochs_grid=(2,)))
+    train, task = bright_dark[bright_dark.split == "train"], Task.parse("benign-malignant")
+    torch.set_num_threads(2)  # the parent's thread pool in use before the fork, as in a notebook
+    alone = cross_validate(TRAINERS["bus-dm"], train, task, "smoke", workers=1)
+    torch.set_num_threads(1)
+    forked = cross_validate(TRAINERS["bus-dm"], train, task, "smoke", workers=2)
+    pd.testing.assert_frame_equal(forked.table, alone.table)
+    assert forked.best == alone.best and len(alone.table) == 4
 
 
 def test_a_train_fn_recipe_names_the_model_its_settings_and_its_tables():
@@ -172,7 +189,7 @@ def test_select_dir_cross_validates_each_training_set_once_and_trains_every_seed
         bright_dark, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from busgen_lib import profiles
+    from busgen_lib import parallel, profiles
     from busgen_lib.downstream import recipes
 
     # lr 1e-7 cannot move the weights in 12 epochs, 1e-3 separates bright from dark: CV must pick 1e-3.
@@ -185,6 +202,7 @@ def test_select_dir_cross_validates_each_training_set_once_and_trains_every_seed
         return real_trainer(rows, task, profile, seed=seed, lr=lr, epochs=epochs)
 
     monkeypatch.setitem(recipes.TRAINERS, "bus-dm", spy)
+    monkeypatch.setattr(parallel, "default_workers", lambda: 1)  # the spy counts calls in this process
     train, task = bright_dark[bright_dark.split == "train"], Task.parse("benign-malignant")
     fit = recipes.train_fn("bus-dm", task, "smoke", select_dir=tmp_path)
     fit(train, 3)

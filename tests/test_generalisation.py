@@ -121,6 +121,20 @@ def test_score_arms_in_two_processes_writes_what_one_process_writes(tmp_path):
     assert files(tmp_path / "two") == files(tmp_path / "one")
 
 
+def test_jobs_started_inside_a_worker_run_in_that_worker():
+    """A pool's workers are daemons, which may not fork: a fit that cross-validates runs its folds in line."""
+    import os
+
+    from busgen_lib.parallel import run_jobs
+
+    def outer(job: int) -> tuple[int, set[int]]:
+        inner = run_jobs([0, 1, 2], lambda _: os.getpid(), workers=2)
+        return os.getpid(), set(inner)
+
+    results = run_jobs([0, 1], outer, workers=2)
+    assert all(inner == {pid} for pid, inner in results) and os.getpid() not in {pid for pid, _ in results}
+
+
 def test_design_keeps_patients_apart_and_uses_only_benign_and_malignant(tiny_phantom, tmp_path):
     df = read_manifest(tiny_phantom)
     arms, tests = g.design(tiny_phantom, tiny_phantom, generated=tiny_phantom)

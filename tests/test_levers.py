@@ -28,8 +28,9 @@ def test_lever_costs_follow_steps_images_and_epochs(smoke_model, tiny_phantom, o
     sampling = {"guidance": 0.0, "steps": 2}
     levers = [Lever("few", smoke_model, 4, sampling), Lever("more", smoke_model, 12, sampling)]
     costs = lever_costs(levers, tiny_phantom, "smoke", epochs=3).set_index("lever")
-    run_steps = json.loads((smoke_model.parent / "run.json").read_text())["steps"]
-    expected_generator = run_steps * unet_step_flops(read_manifest(tiny_phantom), "smoke") / 1e12
+    run = json.loads((smoke_model.parent / "run.json").read_text())
+    # the run's steps at its own batch (4, not the profile's 8): FLOPs are linear in the batch
+    expected_generator = run["steps"] * unet_step_flops(read_manifest(tiny_phantom), "smoke") * run["batch_size"] / 8 / 1e12
     assert costs["generator TFLOP"].tolist() == pytest.approx([expected_generator] * 2)
     one_image = sampling_flops(smoke_model, sampling) / 1e12
     assert costs["sampling TFLOP"].tolist() == pytest.approx([4 * one_image, 12 * one_image])
@@ -39,15 +40,52 @@ def test_lever_costs_follow_steps_images_and_epochs(smoke_model, tiny_phantom, o
         costs[["generator TFLOP", "sampling TFLOP", "BUS-DM TFLOP"]].sum(axis=1).tolist())
 
 
-def test_generator_steps_needs_a_pretrain_run(tmp_path):
+def test_run_record_needs_a_pretrain_run(tmp_path):
     from busgen_lib.errors import DataError
-    from busgen_lib.experiments.levers import generator_steps
+    from busgen_lib.experiments.levers import run_record
 
     (tmp_path / "model").mkdir()
     with pytest.raises(DataError, match="no run.json"):
-        generator_steps(tmp_path / "model")
+        run_record(tmp_path / "model")
     (tmp_path / "run.json").write_text(json.dumps({"steps": 1500}))
-    assert generator_steps(tmp_path / "model") == 1500
+    assert run_record(tmp_path / "model") == {"steps": 1500}
+
+
+def test_generator_variants_train_beside_the_reference_and_cost_their_own_network(smoke_model, tiny_phantom,
+                                                                                   one_thread):
+    from busgen_lib.data.manifest import read_manifest
+    from busgen_lib.diffusion.checkpoint import load_model
+    from busgen_lib.errors import UsageError
+    from busgen_lib.experiments.coldit import unet_step_flops
+    from busgen_lib.experiments.levers import Lever, lever_costs, lever_sets, one_knob_levers, pretrain_variants
+
+    variants = {"3 steps": {"train": {"steps": 3, "batch_size": 4}},
+                "16 px": {"train": {"steps": 2, "batch_size": 4}, "model": {"image_size": 16}}}
+    folders = pretrain_variants(tiny_phantom, "smoke", smoke_model, variants)
+    assert {name: folder.parent.name for name, folder in folders.items()} == {
+        "3 steps": f"{smoke_model.parent.name}-3-steps", "16 px": f"{smoke_model.parent.name}-16-px"}
+    assert all(folder.parent.parent == smoke_model.parent.parent for folder in folders.values())
+    assert load_model(folders["16 px"]).config.image_size == 16
+    assert load_model(folders["3 steps"]).config.image_size == 32
+    weights = folders["3 steps"] / "diffusion_pytorch_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert pretrain_variants(tiny_phantom, "smoke", smoke_model, variants, workers=1) == folders
+    assert weights.stat().st_mtime_ns == stamp  # finished runs are found, not retrained
+
+    levers = one_knob_levers(smoke_model, 4, {"steps": 2}, generators=folders)
+    assert [(lever.name, lever.generator, lever.n) for lever in levers] == [
+        ("4 images (reference)", smoke_model, 4), ("3 steps", folders["3 steps"], 4), ("16 px", folders["16 px"], 4)]
+    costs = lever_costs(levers, tiny_phantom, "smoke", epochs=1).set_index("lever")["generator TFLOP"]
+    df = read_manifest(tiny_phantom)
+    at_32, at_16 = unet_step_flops(df, "smoke") / 2, unet_step_flops(df, "smoke", image_size=16) / 2  # batch 4 of 8
+    assert costs.tolist() == pytest.approx([2 * at_32 / 1e12, 3 * at_32 / 1e12, 2 * at_16 / 1e12])
+    assert at_16 < at_32 / 3  # a quarter of the pixels (attention grows faster, convolutions exactly x4)
+    images = lever_sets(levers[2:], smoke_model.parent.parent / "variant_sets")["16 px"]
+    from PIL import Image
+    assert Image.open(images["image"].iloc[0]).size == (16, 16)
+
+    with pytest.raises(UsageError, match="unknown keys \\['steps'\\]"):
+        pretrain_variants(tiny_phantom, "smoke", smoke_model, {"bad": {"steps": 3}})
 
 
 def _per_seed(aucs: dict[str, list[float]]) -> pd.DataFrame:
@@ -59,22 +97,27 @@ def _per_seed(aucs: dict[str, list[float]]) -> pd.DataFrame:
 def test_lever_table_pairs_seeds_and_prices_the_gain():
     from busgen_lib.experiments.levers import lever_table
 
-    aucs = {"600 images": [0.60, 0.58, 0.62], "1200 images": [0.65, 0.61, 0.66], "guidance 0": [0.55, 0.57, 0.61]}
-    costs = pd.DataFrame({"lever": list(aucs), "total TFLOP": [60.0, 90.0, 45.0]})
+    aucs = {"600 images": [0.60, 0.58, 0.62], "1200 images": [0.65, 0.61, 0.66], "guidance 0": [0.55, 0.57, 0.61],
+            "guidance 5": [0.62, 0.60, 0.65]}
+    costs = pd.DataFrame({"lever": list(aucs), "total TFLOP": [60.0, 90.0, 45.0, 60.0]})
     rate = 50e9  # FLOP/s
     table = lever_table(_per_seed(aucs), costs, "600 images", rate)
     assert table["lever"].tolist() == list(aucs)  # in the levers' order, not alphabetical
     table = table.set_index("lever")
     assert table.loc["600 images", "external AUC"] == pytest.approx(0.60)
+    assert table.loc["1200 images", "internal AUC"] == pytest.approx(0.74)  # the other test, shown beside
     assert np.isnan(table.loc["600 images", "diff_mean"])
     more = table.loc["1200 images"]
     t = sps.ttest_rel(aucs["1200 images"], aucs["600 images"])
     assert more["diff_mean"] == pytest.approx(0.04)
     assert more["t_p"] == pytest.approx(t.pvalue)
     assert more["extra CPU-min"] == pytest.approx(30e12 / rate / 60)  # 10 CPU-minutes
-    assert more["gain per extra CPU-min"] == pytest.approx(0.04 / 10)
+    assert more["AUC per CPU-min"] == pytest.approx(0.04 / 10)
     assert table.loc["guidance 0", "extra CPU-min"] == pytest.approx(-5.0)
-    assert np.isnan(table.loc["guidance 0", "gain per extra CPU-min"])  # cheaper: no gain per extra minute
+    # cheaper: the AUC its 5 saved minutes give up, per minute
+    assert table.loc["guidance 0", "AUC per CPU-min"] == pytest.approx((-0.07 / 3) / -5.0)
+    assert table.loc["guidance 5", "diff_mean"] == pytest.approx(0.07 / 3)
+    assert np.isnan(table.loc["guidance 5", "AUC per CPU-min"])  # as dear as the reference: a free gain, no rate
 
 
 def test_lever_table_and_sets_refuse_bad_levers(smoke_model, tmp_path):
@@ -139,8 +182,8 @@ def test_the_lever_study_tables_every_lever_against_the_first(smoke_model, tiny_
 
     levers = one_knob_levers(smoke_model, 8, {"steps": 2}, images=(4,), guidance=(0.0,))
     test = lever_sets(levers[:1], tmp_path / "test", seed=1)[levers[0].name]  # other seed: other images
-    table = lever_study(levers, tiny_phantom, test, train_fn("bus-dm", Task.parse("benign-malignant"), "smoke"),
-                        [0, 1], "smoke", tmp_path / "study")
+    table = lever_study(levers, tiny_phantom, {"external": test}, train_fn("bus-dm", Task.parse("benign-malignant"),
+                                                                           "smoke"), [0, 1], "smoke", tmp_path / "study")
     assert table["lever"].tolist() == ["8 images (reference)", "4 images", "guidance 0.0"]
     assert table["extra CPU-min"].iloc[0] == 0 and np.isnan(table["diff_mean"].iloc[0])
     assert (table["extra CPU-min"].iloc[1:] < 0).all()  # fewer images, and no unconditional branch: cheaper
@@ -153,9 +196,10 @@ def test_the_lever_study_tables_every_lever_against_the_first(smoke_model, tiny_
     original = levers_module.lever_sets
     levers_module.lever_sets = lambda *a, **k: pytest.fail("sampled again")
     try:
-        again = lever_study(levers, tiny_phantom, test, train_fn("bus-dm", Task.parse("benign-malignant"), "smoke"),
-                            [0, 1], "smoke", tmp_path / "study", sets=sets)
+        again = lever_study(levers, tiny_phantom, {"external": test},
+                            train_fn("bus-dm", Task.parse("benign-malignant"), "smoke"), [0, 1], "smoke",
+                            tmp_path / "study", sets=sets)
     finally:
         levers_module.lever_sets = original
-    timed = ["CPU-min", "extra CPU-min", "gain per extra CPU-min"]  # priced at a rate measured each run
+    timed = ["CPU-min", "extra CPU-min", "AUC per CPU-min"]  # priced at a rate measured each run
     pd.testing.assert_frame_equal(again.drop(columns=timed), table.drop(columns=timed))

@@ -8,7 +8,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from busgen_lib.errors import UsageError
 from busgen_lib.evaluate.scaling import (draw_subset, feasible_sizes, repeat_seed, results_file, scaling_curve,
-                                         scaling_summary)
+                                         scaling_curves, scaling_summary)
 
 
 def _pool(n_patients=60, seed=0) -> pd.DataFrame:
@@ -120,6 +120,19 @@ def test_results_files_differ_exactly_when_pool_test_set_or_recipe_do(tmp_path):
     assert len({path, *others}) == 4
     scaling_curve(_sigmoid_of_x, pool, test, [4], 1, path, progress=False, workers=1)
     scaling_curve(other_model, pool, test, [4], 1, others[2], progress=False, workers=1)  # not refused: its own file
+
+
+def test_each_pool_of_a_study_goes_as_far_as_it_fills_into_its_own_file(tmp_path):
+    small, large, test = _pool(n_patients=12), _pool(n_patients=60, seed=1), _pool(n_patients=30, seed=9)
+    curves = scaling_curves(_sigmoid_of_x, {"real": small, "generated": large}, test, [4, 8, 16, 32], 2, tmp_path,
+                            prefix="lodo_")
+    fills = {name: feasible_sizes([pool], [4, 8, 16, 32]) for name, pool in (("real", small), ("generated", large))}
+    assert fills["real"] != fills["generated"]  # the larger pool goes further
+    assert {name: sorted(set(g["size"])) for name, g in curves.groupby("name")} == fills
+    alone = scaling_curve(_sigmoid_of_x, small, test, fills["real"], 2, tmp_path / "alone.csv", name="real",
+                          progress=False)
+    pd.testing.assert_frame_equal(curves[curves["name"] == "real"].reset_index(drop=True), alone)
+    assert results_file(tmp_path, "lodo_generated", _sigmoid_of_x, large, test).exists()
 
 
 def test_results_of_another_pool_test_set_or_recipe_are_refused(tmp_path):

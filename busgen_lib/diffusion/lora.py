@@ -252,7 +252,7 @@ def adapt(model_dir: str | Path, manifest: str | Path, name: str, out: str | Pat
     accelerator = make_accelerator(config)
     df = read_manifest(manifest)
     dataset, train_df = train_dataset(df, model.config.profile, config, device_vocab=model.config.device_names,
-                                      source=manifest)
+                                      source=manifest, image_size=model.config.image_size)
     prior = fit_box_prior(train_df, manifest)
     check_run_settings(out, {"command": "adapt", "name": name, "base": base_fingerprint(model),
                              "manifest": file_digest(manifest), "lora": asdict(adapter_config), **asdict(config)},

@@ -206,14 +206,16 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def train_dataset(df: pd.DataFrame, profile: str, config: TrainConfig, device_vocab: tuple[str, ...] | None = None,
-                  source: str | Path = "manifest", birads: bool = False) -> tuple[BUSDataset, pd.DataFrame]:
-    """The augmented training dataset of a manifest's `train` split (pretraining and adaptation alike)."""
+                  source: str | Path = "manifest", birads: bool = False, image_size: int | None = None
+                  ) -> tuple[BUSDataset, pd.DataFrame]:
+    """The augmented training dataset of a manifest's `train` split (pretraining and adaptation alike), at
+    `image_size` (default the profile's: a model trained at another resolution passes its own)."""
     train_df = df[df["split"] == "train"]
     if train_df.empty:
         raise DataError(f"{source}: no rows with split = train to train on ({len(df)} rows in all); mark the "
                         "images to train on as train in the split column")
     prof = get_profile(profile)
-    dataset = BUSDataset(train_df, root=df.attrs["root"], image_size=prof.image_size, train=True,
+    dataset = BUSDataset(train_df, root=df.attrs["root"], image_size=image_size or prof.image_size, train=True,
                          max_boxes=prof.max_boxes, seed=config.seed, device_vocab=device_vocab,
                          augment_config=get_augmentation(config.augment), birads=birads)
     return dataset, train_df
@@ -334,7 +336,8 @@ def pretrain(manifest: str | Path, profile: str, out: str | Path, *, resume: boo
     refuse_overwrite(out, resume)
     accelerator = make_accelerator(config)
     df = read_manifest(manifest)
-    dataset, train_df = train_dataset(df, profile, config, source=manifest)
+    dataset, train_df = train_dataset(df, profile, config, source=manifest,
+                                      image_size=(model_overrides or {}).get("image_size"))
     prior = fit_box_prior(train_df, manifest)
     torch.manual_seed(config.seed)  # identical initial weights on every process
     model = BUSGenUNet(**config_for_profile(profile, dataset.device_vocab, **(model_overrides or {})))

@@ -25,9 +25,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from busgen_lib.data.dataset import ClassBalancedSampler
+from busgen_lib.data.dataset import ClassBalancedSampler, load_images
 from busgen_lib.downstream.tasks import Task
-from busgen_lib.data.dataset import load_images
+from busgen_lib.parallel import run_jobs
 from busgen_lib.profiles import get_downstream
 
 
@@ -136,27 +136,32 @@ class CVResult:
 
 
 def cross_validate(trainer: Trainer, df: pd.DataFrame, task: Task, profile: str, seed: int = 0,
-                   progress: bool = False) -> CVResult:
+                   progress: bool = False, workers: int | None = None) -> CVResult:
     """Pick (lr, epochs) from the profile's grid by k-fold CV grouped by patient (§4.4); highest mean AUC wins.
 
     Folds come from sklearn's StratifiedGroupKFold on `patient_id`, so folds keep
-    the class ratio and never split a patient's images.
+    the class ratio and never split a patient's images. The grid x folds fits are
+    independent: they run in `workers` processes (`parallel.run_jobs`).
     """
     settings = get_downstream(profile)
     rows, y = task.select(df)
     rows = rows.reset_index(drop=True)
     folds = StratifiedGroupKFold(n_splits=settings.cv_folds, shuffle=True, random_state=seed)
     splits = list(folds.split(np.zeros(len(y)), y, groups=rows["patient_id"].astype(str)))
-    records = []
-    for lr in settings.lr_grid:
-        for epochs in settings.epochs_grid:
-            for fold, (train_idx, val_idx) in enumerate(splits):
-                model = trainer(rows.iloc[train_idx], task, profile, seed=seed, lr=lr, epochs=epochs)
-                score = model.predict_proba(rows.iloc[val_idx])
-                records.append({"lr": lr, "epochs": epochs, "fold": fold, "n_val": len(val_idx),
-                                "auc": _auc(y[val_idx], score)})
-                if progress:
-                    print(f"cv lr={lr:g} epochs={epochs} fold {fold}: AUC {records[-1]['auc']:.3f}")
+    jobs = [(lr, epochs, fold) for lr in settings.lr_grid for epochs in settings.epochs_grid
+            for fold in range(len(splits))]
+
+    def fit_fold(job: tuple[float, int, int]) -> dict:
+        lr, epochs, fold = job
+        train_idx, val_idx = splits[fold]
+        model = trainer(rows.iloc[train_idx], task, profile, seed=seed, lr=lr, epochs=epochs)
+        record = {"lr": lr, "epochs": epochs, "fold": fold, "n_val": len(val_idx),
+                  "auc": _auc(y[val_idx], model.predict_proba(rows.iloc[val_idx]))}
+        if progress:
+            print(f"cv lr={lr:g} epochs={epochs} fold {fold}: AUC {record['auc']:.3f}", flush=True)
+        return record
+
+    records = run_jobs(jobs, fit_fold, workers)
     table = pd.DataFrame(records)
     summary = (table.groupby(["lr", "epochs"])["auc"].agg(mean_auc="mean", sd_auc="std").reset_index()
                .sort_values(["mean_auc", "epochs", "lr"], ascending=[False, True, True], ignore_index=True))

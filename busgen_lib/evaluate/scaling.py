@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -116,6 +116,17 @@ def scaling_curve(train_fn: TrainFn, pool: pd.DataFrame, test_df: pd.DataFrame, 
     results = _load_results(path, seed)
     wanted = pd.MultiIndex.from_tuples(jobs, names=["size", "repeat"])
     return results.set_index(["size", "repeat"]).loc[wanted].reset_index()[list(RESULT_COLUMNS)]
+
+
+def scaling_curves(train_fn: TrainFn, pools: Mapping[str, pd.DataFrame], test_df: pd.DataFrame,
+                   sizes: Sequence[int], repeats: int, folder: str | Path, *, prefix: str = "", seed: int = 0,
+                   progress: bool = False) -> pd.DataFrame:
+    """`scaling_curve` of every named pool (e.g. real, generated), each at the `sizes` it fills class-balanced
+    (a generated pool goes on past the real one), into its `results_file` under `folder` (`prefix` + name)."""
+    return pd.concat([scaling_curve(train_fn, pool, test_df, feasible_sizes([pool], sizes), repeats,
+                                    results_file(folder, prefix + name, train_fn, pool, test_df), name=name,
+                                    seed=seed, progress=progress)
+                      for name, pool in pools.items()], ignore_index=True)
 
 
 def results_file(folder: str | Path, name: str, train_fn: TrainFn, pool: pd.DataFrame, test_df: pd.DataFrame) -> Path:

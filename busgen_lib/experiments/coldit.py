@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -68,11 +69,12 @@ def batch_flops(model: torch.nn.Module, loss_fn: LossFn, dataset, batch_size: in
     return step_flops(model, loss_fn, {k: v for k, v in batch.items() if torch.is_tensor(v)})
 
 
-def unet_step_flops(df: pd.DataFrame, profile: str) -> int:
-    """Training FLOPs of one BUSGen UNet step under `profile`, on a batch of `df` as `pretrain` builds it."""
+def unet_step_flops(df: pd.DataFrame, profile: str, **model_overrides: Any) -> int:
+    """Training FLOPs of one BUSGen UNet step under `profile` (with `pretrain`'s `model_overrides`), on a batch of
+    `df` as `pretrain` builds it."""
     config = train_config(profile)
-    dataset = train_dataset(df, profile, config)[0]
-    unet = BUSGenUNet(**config_for_profile(profile, dataset.device_vocab)).train()
+    dataset = train_dataset(df, profile, config, image_size=model_overrides.get("image_size"))[0]
+    unet = BUSGenUNet(**config_for_profile(profile, dataset.device_vocab, **model_overrides)).train()
     return batch_flops(unet, diffusion_objective(unet), dataset, config.batch_size)
 
 

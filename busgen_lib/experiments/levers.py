@@ -1,7 +1,8 @@
 """Which generation lever moves the external AUC most per CPU-minute (the real-data study of notebook 07).
 
 The generated arm of the leave-one-dataset-out study has knobs: how many images are generated, the guidance
-weight, how long the generator trained (a lever names its generator folder). A `Lever` is one setting of them.
+weight, and the generator itself — its training steps, width and resolution (a lever names its generator folder;
+`pretrain_variants` trains the reference generator's variants beside it). A `Lever` is one setting of them.
 `lever_sets` samples each lever's set (`pipeline.sample_dataset`, resumable); `lever_scores` trains BUS-DM on it
 with every seed through `generalisation.score_arms` (stamped, resumable). `lever_costs` counts what a setting costs in FLOPs with torch's
 `FlopCounterMode` — the generator's training steps, sampling one image, one classifier step per image — so the
@@ -28,15 +29,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from busgen_lib import plotting
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.diffusion import pipeline
-from busgen_lib.diffusion.checkpoint import load_generator
+from busgen_lib.diffusion.checkpoint import load_generator, load_model
 from busgen_lib.diffusion.plan import Request
 from busgen_lib.downstream.classifier import create_backbone, downstream_settings
 from busgen_lib.errors import DataError, UsageError
 from busgen_lib.evaluate.scaling import mean_ci
 from busgen_lib.evaluate.stats import paired_differences
 from busgen_lib.evaluate.training import TrainFn
-from busgen_lib.experiments.coldit import step_flops, unet_step_flops
+from busgen_lib.diffusion.train import diffusion_objective, pretrain, train_config, train_dataset
+from busgen_lib.experiments.coldit import batch_flops, step_flops
 from busgen_lib.experiments.generalisation import TASK, absolute, auc_by_seed, score_arms, task_rows
+from busgen_lib.parallel import run_jobs
 
 
 @dataclass(frozen=True)
@@ -50,33 +53,75 @@ class Lever:
 
 
 def one_knob_levers(generator: Path, n: int, sampling: Mapping, images: Sequence[int] = (),
-                    guidance: Sequence[float] = ()) -> list[Lever]:
-    """The reference setting (`n` images sampled with `sampling`) first, then each other image count and each
-    other guidance weight, one knob moved at a time."""
+                    guidance: Sequence[float] = (), generators: Mapping[str, Path] | None = None) -> list[Lever]:
+    """The reference setting (`n` images sampled with `sampling` from `generator`) first, then each other image
+    count, each other guidance weight and each other generator (name: model folder), one knob moved at a time."""
     return ([Lever(f"{n} images (reference)", generator, n, sampling)]
             + [Lever(f"{k} images", generator, k, sampling) for k in images]
-            + [Lever(f"guidance {g}", generator, n, dict(sampling) | {"guidance": g}) for g in guidance])
+            + [Lever(f"guidance {g}", generator, n, dict(sampling) | {"guidance": g}) for g in guidance]
+            + [Lever(name, folder, n, sampling) for name, folder in (generators or {}).items()])
 
 
-def lever_study(levers: Sequence[Lever], pool: str | Path, test: pd.DataFrame, train_fn: TrainFn,
+VARIANT_KEYS = {"train", "model"}
+MIN_PRICED_MINUTES = 0.01  # levers closer in cost than this to the reference are free: no AUC per CPU-minute  # pretrain's train_overrides and model_overrides
+
+
+def variant_folder(reference: str | Path, name: str) -> Path:
+    """The run folder of the reference generator's variant `name`: beside the reference's run folder."""
+    run = Path(reference).parent
+    return run.parent / f"{run.name}-{name.replace(' ', '-')}"
+
+
+def pretrain_variants(pool: str | Path, profile: str, reference: str | Path, variants: Mapping[str, Mapping],
+                      workers: int | None = None) -> dict[str, Path]:
+    """Model folders of the reference generator's variants, each pretrained on `pool` with `pretrain`'s overrides
+    (`{"train": {"steps": 750}}`, `{"model": {"image_size": 32}}`) beside the reference run (resumable), one
+    process per variant (`parallel.run_jobs`)."""
+    for name, variant in variants.items():
+        if not set(variant) <= VARIANT_KEYS:
+            raise UsageError(f"generator variant {name!r}: unknown keys {sorted(set(variant) - VARIANT_KEYS)}; "
+                             f"a variant has {sorted(VARIANT_KEYS)} (pretrain's train_overrides, model_overrides)")
+    names = list(variants)
+
+    def train(name: str) -> Path:
+        return pretrain(pool, profile, variant_folder(reference, name), resume=True, progress=False,
+                        train_overrides=variants[name].get("train"), model_overrides=variants[name].get("model"))
+
+    return dict(zip(names, run_jobs(names, train, workers)))
+
+
+def lever_study(levers: Sequence[Lever], pool: str | Path, tests: Mapping[str, pd.DataFrame], train_fn: TrainFn,
                 seeds: Sequence[int], profile: str, out_dir: str | Path, seed: int = 0,
                 sets: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
-    """`lever_table` of BUS-DM trained on each lever's set and scored on `test` (the external set), against the
-    first lever; costs counted on `pool` (the generator's training data), priced at this machine's sampling rate.
-    `sets`: the levers' sets when the caller already has them (`lever_sets`), else sampled here."""
+    """`lever_table` of BUS-DM trained on each lever's set and scored on `tests` (the "external" set, judged, and
+    any others, shown: the internal test says whether a choice made on the external set would hold without it),
+    against the first lever; costs counted on `pool` (the generators' training data), priced at this machine's
+    sampling rate. `sets`: the levers' sets when the caller already has them (`lever_sets`), else sampled here."""
+    if "external" not in tests:
+        raise UsageError(f"the lever study judges levers on an 'external' test set; got {list(tests)}")
     sets = lever_sets(levers, out_dir, seed) if sets is None else sets
-    per_seed = lever_scores(sets, {"external": test}, train_fn, seeds, out_dir)
+    per_seed = lever_scores(sets, tests, train_fn, seeds, out_dir)
     reference = levers[0]
     return lever_table(per_seed, lever_costs(levers, pool, profile), reference.name,
                        sampling_rate(reference.generator, reference.sampling))
 
 
-def generator_steps(model_dir: str | Path) -> int:
-    """The training steps of a pretrain run, from the run.json beside its model/ folder."""
+def run_record(model_dir: str | Path) -> dict:
+    """The settings of a pretrain run (steps, batch size, ...), from the run.json beside its model/ folder."""
     record = Path(model_dir).parent / "run.json"
     if not record.exists():
         raise DataError(f"{model_dir}: no run.json in its run folder; is this the model/ folder of a pretrain run?")
-    return int(json.loads(record.read_text())["steps"])
+    return json.loads(record.read_text())
+
+
+def generator_flops(model_dir: str | Path, df: pd.DataFrame) -> int:
+    """Training FLOPs of the generator in `model_dir`: its run's steps x one step of its own network (width,
+    resolution) on a batch of `df` of the run's batch size, as `pretrain` builds it."""
+    record, net = run_record(model_dir), load_model(model_dir).train()
+    config = train_config(net.config.profile, batch_size=record["batch_size"])
+    dataset = train_dataset(df, net.config.profile, config, device_vocab=tuple(net.config.device_names),
+                            image_size=net.config.image_size)[0]
+    return int(record["steps"]) * batch_flops(net, diffusion_objective(net), dataset, config.batch_size)
 
 
 def lever_sets(levers: Sequence[Lever], out_dir: str | Path, seed: int = 0) -> dict[str, pd.DataFrame]:
@@ -150,14 +195,15 @@ def classifier_flops_per_image(profile: str, backbone: str | None = None) -> flo
 
 def lever_costs(levers: Sequence[Lever], pool: str | Path, profile: str, epochs: int | None = None,
                 backbone: str | None = None) -> pd.DataFrame:
-    """TFLOP per lever: the generator's training (steps x one step on a batch of `pool`), sampling its images,
-    and one BUS-DM training run on them (`epochs`, default the profile's; an epoch is one pass of len(set) draws)."""
-    step = unet_step_flops(read_manifest(pool), profile)
+    """TFLOP per lever: the generator's training (`generator_flops` on `pool`), sampling its images, and one
+    BUS-DM training run on them (`epochs`, default the profile's; an epoch is one pass of len(set) draws)."""
+    df = read_manifest(pool)
+    training = {folder: generator_flops(folder, df) for folder in dict.fromkeys(Path(l.generator) for l in levers)}
     per_image = classifier_flops_per_image(profile, backbone)
     epochs = epochs or downstream_settings(profile, backbone).epochs
     rows = []
     for lever in levers:
-        rows.append({"lever": lever.name, "generator TFLOP": generator_steps(lever.generator) * step / 1e12,
+        rows.append({"lever": lever.name, "generator TFLOP": training[Path(lever.generator)] / 1e12,
                      "sampling TFLOP": lever.n * sampling_flops(lever.generator, lever.sampling) / 1e12,
                      "BUS-DM TFLOP": lever.n * epochs * per_image / 1e12})
     table = pd.DataFrame(rows)
@@ -169,10 +215,12 @@ def lever_costs(levers: Sequence[Lever], pool: str | Path, profile: str, epochs:
 
 def lever_table(per_seed: pd.DataFrame, costs: pd.DataFrame, reference: str, rate: float, test: str = "external",
                 level: float = 0.95) -> pd.DataFrame:
-    """Per lever: the `test` AUC (mean over seeds, t-interval), its gain over `reference` paired by seed (mean,
-    t-interval, paired t-test P, Wilcoxon P), its extra cost in CPU-minutes at `rate` FLOP/s, and the gain per
-    extra CPU-minute (undefined where a lever costs no more than the reference)."""
+    """Per lever: the `test` AUC (mean over seeds, t-interval), the other tests' mean AUCs, its gain over
+    `reference` on `test` paired by seed (mean, t-interval, paired t-test P, Wilcoxon P), its extra cost in
+    CPU-minutes at `rate` FLOP/s, and the AUC per CPU-minute between it and the reference (gain / extra cost:
+    what a dearer lever buys, or a cheaper one gives up, per minute; undefined for a lever of the same cost)."""
     auc = per_seed[per_seed["test"] == test].pivot_table(index="seed", columns="arm", values="auc")
+    others = per_seed[per_seed["test"] != test].groupby(["test", "arm"])["auc"].mean()  # shown beside, not judged
     if reference not in auc.columns:
         raise UsageError(f"reference lever {reference!r} has no {test!r} AUCs; levers: {list(auc.columns)}")
     total = costs.set_index("lever")["total TFLOP"]
@@ -181,10 +229,13 @@ def lever_table(per_seed: pd.DataFrame, costs: pd.DataFrame, reference: str, rat
         mean, lo, hi = mean_ci(auc[name].to_numpy())
         extra = (total[name] - total[reference]) * 1e12 / rate / 60
         row = {"lever": name, "seeds": int(auc[name].notna().sum()), f"{test} AUC": mean, "lo": lo, "hi": hi,
+               **{f"{other} AUC": others.get((other, name), np.nan)
+                  for other in others.index.get_level_values("test").unique()},
                "CPU-min": total[name] * 1e12 / rate / 60, "extra CPU-min": extra}
         if name != reference:
             row |= paired_differences(auc[name].to_numpy(), auc[reference].to_numpy(), level)
-            row["gain per extra CPU-min"] = row["diff_mean"] / extra if extra > 0 else np.nan
+            # the marginal rate either way: a dearer lever's gain per minute spent, a cheaper one's loss per minute saved
+            row["AUC per CPU-min"] = row["diff_mean"] / extra if abs(extra) >= MIN_PRICED_MINUTES else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
