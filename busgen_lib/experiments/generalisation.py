@@ -27,8 +27,8 @@ from PIL import Image
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from busgen_lib.atomic import atomic_path
 from busgen_lib import plotting
+from busgen_lib.atomic import atomic_path
 from busgen_lib.data import catalog
 from busgen_lib.data.manifest import read_manifest, resolve, rows_fingerprint
 from busgen_lib.data.schema import parse_boxes
