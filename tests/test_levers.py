@@ -162,6 +162,19 @@ def test_each_lever_samples_its_set_and_is_scored_per_seed(smoke_model, tmp_path
     assert per_seed["auc"].between(0, 1).all()
 
 
+def test_a_folder_holding_a_larger_sample_serves_a_smaller_lever(smoke_model, tmp_path, one_thread):
+    from busgen_lib.diffusion.generate import read_plan
+    from busgen_lib.experiments.levers import Lever, lever_sets
+
+    plain = {"guidance": 0.0, "steps": 2}
+    larger = lever_sets([Lever("8 images", smoke_model, 8, plain)], tmp_path)["8 images"]
+    (folder,) = tmp_path.iterdir()
+    images = {p: p.stat().st_mtime_ns for p in folder.rglob("*.png")}
+    smaller = lever_sets([Lever("4 images", smoke_model, 4, plain)], tmp_path)["4 images"]  # not refused
+    pd.testing.assert_frame_equal(smaller, larger.iloc[:4])
+    assert len(read_plan(folder)) == 8 and {p: p.stat().st_mtime_ns for p in folder.rglob("*.png")} == images
+
+
 def test_one_knob_levers_move_one_setting_each_from_the_reference(tmp_path):
     from busgen_lib.experiments.levers import one_knob_levers
 

@@ -30,6 +30,7 @@ from busgen_lib import plotting
 from busgen_lib.data.manifest import read_manifest
 from busgen_lib.diffusion import pipeline
 from busgen_lib.diffusion.checkpoint import load_generator, load_model
+from busgen_lib.diffusion.generate import PLAN_FILE, read_plan
 from busgen_lib.diffusion.plan import Request
 from busgen_lib.downstream.classifier import create_backbone, downstream_settings
 from busgen_lib.errors import DataError, UsageError
@@ -127,9 +128,10 @@ def generator_flops(model_dir: str | Path, df: pd.DataFrame) -> int:
 def lever_sets(levers: Sequence[Lever], out_dir: str | Path, seed: int = 0) -> dict[str, pd.DataFrame]:
     """Each lever's generated benign/malignant rows, sampled under `out_dir` (resumable).
 
-    Levers that differ only in `n` share one sample of the largest n: a balanced
-    plan's request i and its image depend on (seed, i) alone (`plan.balanced_plan`,
-    per-sample noise), so the first n rows of a larger set are the set of n.
+    Levers that differ only in `n` share one sample of the largest n (or of a larger
+    one the folder already holds): a balanced plan's request i and its image depend on
+    (seed, i) alone (`plan.balanced_plan`, per-sample noise), so the first n rows of a
+    larger set are the set of n.
     """
     names = [lever.name for lever in levers]
     if len(set(names)) != len(names):
@@ -140,8 +142,10 @@ def lever_sets(levers: Sequence[Lever], out_dir: str | Path, seed: int = 0) -> d
     sets = {}
     for (generator, sampling), members in groups.items():
         options = json.loads(sampling)
-        folder = "-".join([generator.parent.name, *(f"{k}{v}" for k, v in sorted(options.items()))])
-        manifest = pipeline.sample_dataset(generator, max(lever.n for lever in members), Path(out_dir) / folder,
+        folder = Path(out_dir) / "-".join([generator.parent.name, *(f"{k}{v}" for k, v in sorted(options.items()))])
+        # a folder holding a larger sample (an earlier study's) serves every smaller count with its first n rows
+        stored = len(read_plan(folder)) if (folder / PLAN_FILE).exists() else 0
+        manifest = pipeline.sample_dataset(generator, max(stored, *(lever.n for lever in members)), folder,
                                            pathologies=TASK, seed=seed, **options)
         rows = task_rows(absolute(read_manifest(manifest)))
         for lever in members:
