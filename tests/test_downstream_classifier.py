@@ -213,6 +213,11 @@ def test_select_dir_cross_validates_each_training_set_once_and_trains_every_seed
     assert table.loc[1e-3, "chosen"] and not table.loc[1e-7, "chosen"] and table["n_train"].eq(len(train)).all()
     fit(train, 4)
     assert len(calls) == 2 * 2 + 2 and calls[-1] == (len(train), 1e-3, EPOCHS)   # the choice is kept, not redone
+    fit(train.iloc[2:], 3)   # another training set: its own choice, kept beside the first
+    assert recipes.cv_summary(tmp_path)["training_set"].nunique() == 2
+    mine = recipes.cv_summary(tmp_path, {"bright/dark": train})   # a study's own arms, by name
+    assert set(mine["training_set"]) == {"bright/dark"} and mine["n_train"].eq(len(train)).all()
+    assert mine["mean_auc"].tolist() == table["mean_auc"].tolist()
 
 
 def test_a_study_backbone_replaces_the_profiles_and_round_trips(bright_dark, tmp_path):

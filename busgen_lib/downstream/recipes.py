@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,16 @@ def train_fn(model: str, task: Task, profile: str, *, select_dir: str | Path | N
     return fit
 
 
+def cv_file(select_dir: str | Path, rows: pd.DataFrame) -> Path:
+    """Where the cross-validated choice for training set `rows` is kept: named by the rows' fingerprint."""
+    return Path(select_dir) / f"cv-{rows_fingerprint(rows)[:16]}.json"
+
+
 def selected(trainer: Trainer, rows: pd.DataFrame, task: Task, profile: str, select_dir: str | Path,
              recipe: dict) -> dict[str, float]:
     """{"lr", "epochs"} chosen by `cross_validate` on `rows`, computed once per (rows, recipe) and kept as JSON
     (the fold AUCs beside the choice, for the notebook to show)."""
-    path = Path(select_dir) / f"cv-{rows_fingerprint(rows)[:16]}.json"
+    path = cv_file(select_dir, rows)
     stamp = jsonable(recipe)
     if path.exists() and (saved := json.loads(path.read_text()))["recipe"] == stamp:
         return saved["best"]
@@ -72,14 +78,20 @@ def selected(trainer: Trainer, rows: pd.DataFrame, task: Task, profile: str, sel
     return result.best
 
 
-def cv_summary(select_dir: str | Path) -> pd.DataFrame:
-    """Every cross-validation kept in `select_dir`: per training set and grid point, mean and sd of the fold AUCs,
-    and which point was chosen."""
+def cv_summary(select_dir: str | Path, arms: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """The cross-validations kept in `select_dir`: per training set and grid point, mean and sd of the fold AUCs,
+    and which point was chosen. With `arms` (name: training rows), only theirs, named: the folder also keeps the
+    choices of earlier studies' training sets."""
+    files = sorted(Path(select_dir).glob("cv-*.json"))
+    names = {path.stem[3:]: path.stem[3:] for path in files}
+    if arms is not None:
+        names = {cv_file(select_dir, rows).stem[3:]: name for name, rows in arms.items()}
+        files = [path for path in (Path(select_dir) / f"cv-{key}.json" for key in names) if path.exists()]
     frames = []
-    for path in sorted(Path(select_dir).glob("cv-*.json")):
+    for path in files:
         saved = json.loads(path.read_text())
         folds = pd.DataFrame(saved["folds"])
         table = folds.groupby(["lr", "epochs"])["auc"].agg(mean_auc="mean", sd_auc="std", folds="size").reset_index()
         table["chosen"] = (table["lr"] == saved["best"]["lr"]) & (table["epochs"] == saved["best"]["epochs"])
-        frames.append(table.assign(training_set=path.stem[3:], n_train=saved["n_train"]))
+        frames.append(table.assign(training_set=names[path.stem[3:]], n_train=saved["n_train"]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
