@@ -20,6 +20,25 @@ def test_sampling_flops_double_with_guidance_and_grow_with_solver_steps(smoke_mo
     assert sampling_flops(smoke_model, {"guidance": 0.0, "steps": 8}) == 2 * plain
 
 
+def test_the_sampling_rate_is_timed_on_one_thread_and_restores_the_thread_count(smoke_model, monkeypatch):
+    import busgen_lib.experiments.levers as levers_module
+
+    threads, sample, seen = torch.get_num_threads(), levers_module.pipeline.sample_images, []
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(levers_module.pipeline, "sample_images", spy)
+    torch.set_num_threads(2)
+    try:
+        rate = levers_module.sampling_rate(smoke_model, {"guidance": 0.0, "steps": 2}, n=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen[0] == 1 and rate > 0  # the timed sampling (then the FLOP count, at the caller's threads)
+
+
 def test_lever_costs_follow_steps_images_and_epochs(smoke_model, tiny_phantom, one_thread):
     from busgen_lib.data.manifest import read_manifest
     from busgen_lib.experiments.coldit import unet_step_flops

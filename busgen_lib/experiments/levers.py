@@ -167,13 +167,20 @@ def sampling_flops(model_dir: str | Path, sampling: Mapping) -> int:
 
 
 def sampling_rate(model_dir: str | Path, sampling: Mapping, n: int = 8) -> float:
-    """FLOP/s of this machine's process CPU time, sampling `n` images from `model_dir`: converts FLOPs to CPU-s."""
+    """FLOP/s of one thread's CPU time on this machine, sampling `n` images from `model_dir`: converts FLOPs to
+    CPU-s. One thread: the CPU time of a second one includes its spin-waiting, which grows with the machine's load
+    (two threads on the loaded 2-core machine measured a rate 5x lower than on the quiet one)."""
     model = load_generator(model_dir)
     requests = [_request(i) for i in range(n)]
-    start = time.process_time()
-    pipeline.sample_images(model, requests, batch_size=n, progress=False,
-                           **pipeline.sampling_options(model, **sampling))
-    seconds = time.process_time() - start
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.process_time()
+        pipeline.sample_images(model, requests, batch_size=n, progress=False,
+                               **pipeline.sampling_options(model, **sampling))
+        seconds = time.process_time() - start
+    finally:
+        torch.set_num_threads(threads)
     return n * _one_image_flops(model, sampling) / seconds
 
 
