@@ -32,12 +32,12 @@ from busgen_lib.diffusion import pipeline
 from busgen_lib.diffusion.checkpoint import load_generator, load_model
 from busgen_lib.diffusion.generate import PLAN_FILE, read_plan
 from busgen_lib.diffusion.plan import Request
+from busgen_lib.diffusion.train import diffusion_objective, pretrain, train_config, train_dataset
 from busgen_lib.downstream.classifier import create_backbone, downstream_settings
 from busgen_lib.errors import DataError, UsageError
 from busgen_lib.evaluate.scaling import mean_ci
 from busgen_lib.evaluate.stats import paired_differences
 from busgen_lib.evaluate.training import TrainFn
-from busgen_lib.diffusion.train import diffusion_objective, pretrain, train_config, train_dataset
 from busgen_lib.experiments.coldit import batch_flops, step_flops
 from busgen_lib.experiments.generalisation import TASK, absolute, auc_by_seed, score_arms, task_rows
 from busgen_lib.parallel import run_jobs
@@ -63,8 +63,8 @@ def one_knob_levers(generator: Path, n: int, sampling: Mapping, images: Sequence
             + [Lever(name, folder, n, sampling) for name, folder in (generators or {}).items()])
 
 
-VARIANT_KEYS = {"train", "model"}
-MIN_PRICED_MINUTES = 0.01  # levers closer in cost than this to the reference are free: no AUC per CPU-minute  # pretrain's train_overrides and model_overrides
+VARIANT_KEYS = {"train", "model"}  # pretrain's train_overrides and model_overrides
+MIN_PRICED_MINUTES = 0.01  # levers closer in cost than this to the reference are free: no AUC per CPU-minute
 
 
 def variant_folder(reference: str | Path, name: str) -> Path:
