@@ -85,6 +85,28 @@ def test_a_device_only_model_has_auc_one_plus_phi_over_two_and_a_label_model_no_
     assert abs(label.loc["anti-confounded", "drop_from_confounded"]) < 0.05
 
 
+def test_seeds_fitted_in_worker_processes_give_the_one_process_report(monkeypatch):
+    import os
+
+    from busgen_lib import parallel
+
+    train, tests = confounded_split(_table(), 0.8, seed=2, groups=GROUPS)
+    pids = []
+
+    def seeded(rows, seed):   # the label feature plus seed-drawn noise, so that a mixed-up seed would show
+        pids.append(os.getpid())
+        score = _label_feature(rows, seed)
+        return lambda test: np.clip(score(test) + np.random.default_rng(seed).normal(0, 0.3, len(test)), 0, 1)
+
+    forked = shortcut_report(seeded, train, tests, seeds=[0, 1, 2], n_boot=20)
+    assert pids == []   # every fit ran in a worker
+    monkeypatch.setattr(parallel, "default_workers", lambda: 1)
+    alone = shortcut_report(seeded, train, tests, seeds=[0, 1, 2], n_boot=20)
+    assert len(pids) == 3
+    pd.testing.assert_frame_equal(forked, alone)
+    assert forked.groupby("seed")["auc"].mean().nunique() == 3
+
+
 def test_summary_drop_is_the_paired_mean_over_seeds():
     report = pd.DataFrame({"seed": [0, 0, 1, 1], "test": ["confounded", "deconfounded"] * 2,
                            "auc": [0.9, 0.6, 0.8, 0.7]})

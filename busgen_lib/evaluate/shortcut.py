@@ -45,6 +45,7 @@ from busgen_lib.evaluate.scaling import mean_ci
 from busgen_lib.evaluate.stats import auc_ci, rank_auc
 from busgen_lib.evaluate.training import SEED_LIMIT, TrainFn, probabilities
 from busgen_lib.evaluate.utility import binary_task
+from busgen_lib.parallel import run_jobs
 
 GROUP_COLUMN = "device_group"
 TESTS = ("confounded", "deconfounded", "anti-confounded")   # test-set correlation: +strength, 0, -strength
@@ -134,14 +135,18 @@ def shortcut_report(train_fn: TrainFn, train_df: pd.DataFrame, tests: Mapping[st
     averages it over seeds.
     """
     labelled = {name: binary_task(df, negative, positive, column) for name, df in tests.items()}
-    rows = []
-    for seed in seeds:
+
+    def fit_and_score(seed: int) -> list[dict]:
         score_fn = train_fn(train_df, int(seed) % SEED_LIMIT)
+        rows = []
         for name, (test_rows, y) in labelled.items():
             auc, lo, hi = auc_ci(y, probabilities(score_fn, test_rows), n_boot=n_boot, seed=int(seed))
             rows.append({"seed": seed, "test": name, "n": len(y), "n_pos": int(y.sum()),
                          "auc": auc, "ci_lo": lo, "ci_hi": hi})
-    return pd.DataFrame(rows)
+        return rows
+
+    # the seeds' fits are independent: one worker process each (parallel.run_jobs)
+    return pd.DataFrame([row for rows in run_jobs(list(seeds), fit_and_score) for row in rows])
 
 
 def shortcut_summary(report: pd.DataFrame, reference: str = "confounded", level: float = 0.95) -> pd.DataFrame:
