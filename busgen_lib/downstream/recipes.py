@@ -82,16 +82,17 @@ def cv_summary(select_dir: str | Path, arms: Mapping[str, pd.DataFrame] | None =
     """The cross-validations kept in `select_dir`: per training set and grid point, mean and sd of the fold AUCs,
     and which point was chosen. With `arms` (name: training rows), only theirs, named: the folder also keeps the
     choices of earlier studies' training sets."""
-    files = sorted(Path(select_dir).glob("cv-*.json"))
-    names = {path.stem[3:]: path.stem[3:] for path in files}
-    if arms is not None:
-        names = {cv_file(select_dir, rows).stem[3:]: name for name, rows in arms.items()}
-        files = [path for path in (Path(select_dir) / f"cv-{key}.json" for key in names) if path.exists()]
+    if arms is None:
+        named = {path: path.stem[3:] for path in sorted(Path(select_dir).glob("cv-*.json"))}
+    else:
+        named = {cv_file(select_dir, rows): name for name, rows in arms.items()}
     frames = []
-    for path in files:
+    for path, name in named.items():
+        if not path.exists():   # an arm not cross-validated (yet)
+            continue
         saved = json.loads(path.read_text())
         folds = pd.DataFrame(saved["folds"])
         table = folds.groupby(["lr", "epochs"])["auc"].agg(mean_auc="mean", sd_auc="std", folds="size").reset_index()
         table["chosen"] = (table["lr"] == saved["best"]["lr"]) & (table["epochs"] == saved["best"]["epochs"])
-        frames.append(table.assign(training_set=names[path.stem[3:]], n_train=saved["n_train"]))
+        frames.append(table.assign(training_set=name, n_train=saved["n_train"]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -209,7 +209,8 @@ def lever_costs(levers: Sequence[Lever], pool: str | Path, profile: str, epochs:
     """TFLOP per lever: the generator's training (`generator_flops` on `pool`), sampling its images, and one
     BUS-DM training run on them (`epochs`, default the profile's; an epoch is one pass of len(set) draws)."""
     df = read_manifest(pool)
-    training = {folder: generator_flops(folder, df) for folder in dict.fromkeys(Path(l.generator) for l in levers)}
+    folders = dict.fromkeys(Path(lever.generator) for lever in levers)  # each generator costed once
+    training = {folder: generator_flops(folder, df) for folder in folders}
     per_image = classifier_flops_per_image(profile, backbone)
     epochs = epochs or downstream_settings(profile, backbone).epochs
     rows = []
@@ -245,7 +246,8 @@ def lever_table(per_seed: pd.DataFrame, costs: pd.DataFrame, reference: str, rat
                "CPU-min": total[name] * 1e12 / rate / 60, "extra CPU-min": extra}
         if name != reference:
             row |= paired_differences(auc[name].to_numpy(), auc[reference].to_numpy(), level)
-            # the marginal rate either way: a dearer lever's gain per minute spent, a cheaper one's loss per minute saved
+            # the marginal rate either way: a dearer lever's gain per minute spent, a cheaper one's loss per
+            # minute saved
             row["AUC per CPU-min"] = row["diff_mean"] / extra if abs(extra) >= MIN_PRICED_MINUTES else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
