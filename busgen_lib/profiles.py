@@ -270,6 +270,17 @@ class StudySettings:
     # ResNet-10t's 8.9 (64 px, one thread), and both models learn the task with it.
     phantom_backbone: str | None = None
     phantom_epochs: int | None = None
+    # ... and its input size. demo 32 px: notebook 07's phantom sections at 64 px took ~35 min from nothing on the
+    # 2-core machine. Measured on the phantom's 299 test images (test_resnet, 30 epochs, 400 training images, two
+    # draws, one thread): real 0.788 and 0.824 at 64 px, 0.846 and 0.841 at 32 px; generated 0.757 and 0.808 at
+    # 32 px (the 64 px scaling curve: 0.765 at 400); 14 s per fit against 33. Halving the epochs instead (15 at
+    # lr 3e-3) lost: generated 0.601 and 0.669.
+    phantom_input_size: int | None = None
+
+    @property
+    def phantom_recipe(self) -> dict:
+        """BUS-DM's and Baseline-CLIP's options on the phantom (`recipes.train_fn`'s; None: the profile's)."""
+        return {"backbone": self.phantom_backbone, "epochs": self.phantom_epochs, "input_size": self.phantom_input_size}
     # Notebook 05's detectors train on this many real training images (a random draw, with and without lesions)
     # and as many generated ones; None: all of both. A detector step costs ~15 ms per image on one demo thread.
     screening_detection_images: int | None = None
@@ -298,7 +309,8 @@ STUDY: dict[str, StudySettings] = {
                                             # cost) and 750 steps lost 0.086: the saving spent on steps
                                             "32 px 3000 steps": {"train": {"steps": 3000},
                                                                  "model": {"image_size": 32}}},
-                          phantom_backbone="test_resnet", phantom_epochs=30, screening_detection_images=600),
+                          phantom_backbone="test_resnet", phantom_epochs=30, phantom_input_size=32,
+                          screening_detection_images=600),
     "paper": StudySettings(held_out=("busi", "bus_uclm", "breast_lesions_usg"), lodo_generated=20_000,
                            phantom_generated=100_000, scaling_sizes=(1_000, 3_000, 10_000, 30_000, 100_000),
                            detector_repeats=5, lever_images=(5_000, 80_000), lever_guidance=(0.0, 3.5)),

@@ -118,12 +118,12 @@ def test_baseline_clip_starts_from_given_weights(bright_dark, tmp_path, monkeypa
     assert model.record["clip"]["weights"]["path"].endswith("mine.pt")
 
 
-def test_baseline_clip_takes_a_study_backbone_for_its_image_tower(bright_dark, tmp_path):
+def test_baseline_clip_takes_a_study_backbone_and_input_size_for_its_image_tower(bright_dark, tmp_path):
     torch.set_num_threads(1)
     train, test = bright_dark[bright_dark.split == "train"], bright_dark[bright_dark.split == "test"]
     task = Task.parse("benign-malignant")
-    model = train_baseline_clip(train, task, "smoke", seed=0, epochs=12, backbone="test_resnet")
-    assert model.record["backbone"] == "test_resnet"
+    model = train_baseline_clip(train, task, "smoke", seed=0, epochs=12, backbone="test_resnet", input_size=16)
+    assert (model.record["backbone"], model.record["input_size"]) == ("test_resnet", 16)
     rows, y = task.select(test)
     score = model.predict_proba(rows)
     assert roc_auc_score(y, score) >= 0.95

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +12,7 @@ from downstream_fixtures import bright_dark_manifest
 from sklearn.metrics import roc_auc_score
 
 from busgen_lib.data.manifest import read_manifest
-from busgen_lib.downstream.classifier import DiagnosticModel, train_classifier
+from busgen_lib.downstream.classifier import DiagnosticModel, create_backbone, downstream_settings, train_classifier
 from busgen_lib.downstream.tasks import Task
 from busgen_lib.downstream.training import cross_validate
 from busgen_lib.errors import DataError, UsageError
@@ -232,3 +234,35 @@ def test_a_study_backbone_replaces_the_profiles_and_round_trips(bright_dark, tmp
     assert roc_auc_score(y, score) >= 0.95
     loaded = DiagnosticModel.load(model.save(tmp_path / "cnn"), task=task)
     np.testing.assert_array_equal(loaded.predict_proba(rows), score)
+
+
+def test_a_study_input_size_replaces_the_profiles_and_round_trips(bright_dark, tmp_path):
+    torch.set_num_threads(1)
+    task = Task.parse("benign-malignant")
+    train, test = bright_dark[bright_dark.split == "train"], bright_dark[bright_dark.split == "test"]
+    model = train_classifier(train, task, "smoke", seed=0, epochs=EPOCHS, backbone="test_resnet", input_size=16)
+    assert model.record["input_size"] == 16 != get_downstream("smoke").input_size
+    rows, y = task.select(test)
+    score = model.predict_proba(rows)
+    assert roc_auc_score(y, score) >= 0.95
+    loaded = DiagnosticModel.load(model.save(tmp_path / "small"), task=task)
+    assert loaded.input_size == 16
+    np.testing.assert_array_equal(loaded.predict_proba(rows), score)
+
+
+def test_a_vits_image_size_follows_a_study_input_size():
+    vit = downstream_settings("demo", input_size=32)
+    assert (vit.input_size, vit.backbone_kwargs["img_size"]) == (32, 32)
+    assert vit.backbone_kwargs["patch_size"] == get_downstream("demo").backbone_kwargs["patch_size"]
+    assert create_backbone(vit.backbone, vit.backbone_kwargs)(torch.zeros(1, 1, 32, 32)).shape == (1, 2)
+    assert "img_size" not in downstream_settings("demo", backbone="test_resnet", input_size=32).backbone_kwargs
+
+
+@pytest.mark.parametrize("profile", ["smoke", "demo", "paper"])
+def test_the_phantom_recipe_is_options_both_downstream_trainers_take(profile):
+    from busgen_lib.downstream.clip_baseline import train_baseline_clip
+    from busgen_lib.profiles import get_study
+
+    recipe = get_study(profile).phantom_recipe
+    for trainer in (train_classifier, train_baseline_clip):
+        inspect.signature(trainer).bind_partial(**recipe)   # raises TypeError on an option the trainer lacks

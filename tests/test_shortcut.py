@@ -196,6 +196,21 @@ def test_dab_estimate_sees_the_device_shortcut_only_when_the_data_are_confounded
     assert clean.p_est > confounded.p_est
 
 
+def test_dab_seeds_fitted_in_worker_processes_give_the_one_process_estimate(tmp_path, monkeypatch):
+    from busgen_lib import parallel
+
+    train, test = _images(tmp_path / "c", 0.9)
+
+    def seeded(rows, seed):   # each seed fits on its own draw of the rows, so that a mixed-up seed would show
+        return _image_model(rows.sample(frac=0.5, random_state=seed), seed)
+
+    forked = dab_estimate(seeded, train, test, seeds=[0, 1, 2], workdir=tmp_path / "w", size=8)
+    monkeypatch.setattr(parallel, "default_workers", lambda: 1)
+    alone = dab_estimate(seeded, train, test, seeds=[0, 1, 2], workdir=tmp_path / "w", size=8)
+    pd.testing.assert_frame_equal(forked, alone)
+    assert forked["seed"].tolist() == [0, 1, 2] and forked["p_dabis"].nunique() == 3
+
+
 def test_balanced_counterpart_fills_every_pathology_device_cell_equally():
     train, _ = confounded_split(_table(), 0.8, groups=GROUPS)
     plan = balanced_counterpart_plan(train, n=100)

@@ -33,11 +33,19 @@ WEIGHTS, RECORD = "model.safetensors", "model.json"
 PREDICT_BATCH = 64
 
 
-def downstream_settings(profile: str, backbone: str | None = None) -> DownstreamProfile:
+def downstream_settings(profile: str, backbone: str | None = None, input_size: int | None = None
+                        ) -> DownstreamProfile:
     """The profile's downstream settings; with `backbone`, that timm model at its own defaults instead (a study
-    whose training sets are too small for the profile's ViT trained from scratch, e.g. few-shot DCIS)."""
+    whose training sets are too small for the profile's ViT trained from scratch, e.g. few-shot DCIS); with
+    `input_size`, images resized to that instead (a ViT's `img_size` follows it)."""
     settings = get_downstream(profile)
-    return settings if backbone is None else replace(settings, backbone=backbone, backbone_kwargs={})
+    if backbone is not None:
+        settings = replace(settings, backbone=backbone, backbone_kwargs={})
+    if input_size is not None:
+        kwargs = dict(settings.backbone_kwargs)
+        settings = replace(settings, input_size=input_size,
+                           backbone_kwargs=kwargs | {"img_size": input_size} if "img_size" in kwargs else kwargs)
+    return settings
 
 
 def create_backbone(backbone: str, backbone_kwargs: dict, num_classes: int = 2) -> torch.nn.Module:
@@ -125,14 +133,15 @@ def make_record(kind: str, task: Task, settings: DownstreamProfile, profile: str
 
 def train_classifier(train_df: pd.DataFrame, task: Task, profile: str, seed: int = 0, lr: float | None = None,
                      epochs: int | None = None, sources: Sequence[str | Path] = (),
-                     progress: bool = False, backbone: str | None = None) -> DiagnosticModel:
+                     progress: bool = False, backbone: str | None = None, input_size: int | None = None
+                     ) -> DiagnosticModel:
     """BUS-DM: a profile backbone trained from scratch on the task's rows of `train_df` (deterministic per seed).
 
     `lr`/`epochs` default to the profile's recipe (use `cross_validate` to choose
     them); `sources` are the manifest files recorded with the model; `backbone`
-    replaces the profile's (`downstream_settings`).
+    and `input_size` replace the profile's (`downstream_settings`).
     """
-    settings = downstream_settings(profile, backbone)
+    settings = downstream_settings(profile, backbone, input_size)
     lr, epochs = lr if lr is not None else settings.lr, epochs if epochs is not None else settings.epochs
     rows, y = task.select(train_df)
     images = as_inputs(rows, settings.input_size)

@@ -146,7 +146,7 @@ def _contrastive_clip(corpus: pd.DataFrame, settings: DownstreamProfile, seed: i
 
 
 def pretrained_clip(corpus: pd.DataFrame, profile: str, out_dir: str | Path, seed: int = 0,
-                    backbone: str | None = None, progress: bool = False) -> Path:
+                    backbone: str | None = None, input_size: int | None = None, progress: bool = False) -> Path:
     """The contrastive pretraining on `corpus`, done once: weights for `train_baseline_clip(clip_weights=...,
     clip_epochs=0)`.
 
@@ -155,7 +155,7 @@ def pretrained_clip(corpus: pd.DataFrame, profile: str, out_dir: str | Path, see
     The file, `out_dir/clip-<key>.pt`, is named by the corpus rows, the settings
     and the seed, so a rerun reads it back and other data never reuses it.
     """
-    settings = downstream_settings(profile, backbone)
+    settings = downstream_settings(profile, backbone, input_size)
     key = hashlib.sha256(json.dumps([rows_fingerprint(corpus), asdict(settings), seed], default=str).encode())
     path = Path(out_dir) / f"clip-{key.hexdigest()[:16]}.pt"
     if not path.exists():
@@ -170,17 +170,17 @@ def train_baseline_clip(train_df: pd.DataFrame, task: Task, profile: str, seed: 
                         epochs: int | None = None, sources: Sequence[str | Path] = (),
                         pretrain_df: pd.DataFrame | None = None, clip_weights: str | Path | None = None,
                         progress: bool = False, backbone: str | None = None, clip_epochs: int | None = None,
-                        ) -> DiagnosticModel:
+                        input_size: int | None = None) -> DiagnosticModel:
     """Baseline-CLIP for `task`: contrastive pretraining on reports, then fine-tuning the image trunk + linear head.
 
     Pretraining uses every row of `pretrain_df` (default: all rows of
     `train_df`, normal images included: a report needs no task label), starting
     from `clip_weights` when given, for `clip_epochs` (default: the profile's; 0 with
     weights from `pretrained_clip`: fine-tuning only). Fine-tuning follows BUS-DM's recipe
-    (`lr`/`epochs` default to the profile's) on the task's rows of `train_df`. `backbone` replaces the profile's
-    image tower (`classifier.downstream_settings`), as for BUS-DM.
+    (`lr`/`epochs` default to the profile's) on the task's rows of `train_df`. `backbone` and `input_size`
+    replace the profile's image tower and image size (`classifier.downstream_settings`), as for BUS-DM.
     """
-    settings = downstream_settings(profile, backbone)
+    settings = downstream_settings(profile, backbone, input_size)
     lr, epochs = lr if lr is not None else settings.lr, epochs if epochs is not None else settings.epochs
     corpus = train_df if pretrain_df is None else pretrain_df
     clip_epochs = settings.clip_epochs if clip_epochs is None else clip_epochs

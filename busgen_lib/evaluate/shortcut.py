@@ -202,13 +202,15 @@ def dab_estimate(train_fn: TrainFn, train_df: pd.DataFrame, test_df: pd.DataFram
     test_rows, y = binary_task(test_df, negative, positive, column)
     shuffled_train = pixel_shuffled(train_df, Path(workdir) / "train", size)
     shuffled_test = pixel_shuffled(test_rows, Path(workdir) / "test", size)
-    rows = []
-    for seed in seeds:
+
+    def estimate(seed: int) -> dict:
         s = int(seed) % SEED_LIMIT
         p_source = rank_auc(y, probabilities(train_fn(train_df, s), test_rows))
         p_dabis = rank_auc(y, probabilities(train_fn(shuffled_train, s), shuffled_test))
-        rows.append({"seed": seed, "p_source": p_source, "p_dabis": p_dabis, "p_est": p_source - p_dabis + 0.5})
-    return pd.DataFrame(rows)
+        return {"seed": seed, "p_source": p_source, "p_dabis": p_dabis, "p_est": p_source - p_dabis + 0.5}
+
+    # one worker process per seed (parallel.run_jobs), as in shortcut_report
+    return pd.DataFrame(run_jobs(list(seeds), estimate))
 
 
 def remedy_study(train_fn: TrainFn, real_df: pd.DataFrame, generated_df: pd.DataFrame, strength: float,
