@@ -235,3 +235,29 @@ def test_the_lever_study_tables_every_lever_against_the_first(smoke_model, tiny_
         levers_module.lever_sets = original
     timed = ["CPU-min", "extra CPU-min", "AUC per CPU-min"]  # priced at a rate measured each run
     pd.testing.assert_frame_equal(again.drop(columns=timed), table.drop(columns=timed))
+
+
+def test_the_lever_figure_keeps_every_label_and_point_apart_at_equal_costs():
+    import matplotlib.pyplot as plt
+
+    from busgen_lib.experiments.levers import lever_figure
+
+    table = pd.DataFrame({"lever": ["600 images (reference)", "guidance 3.5", "guidance 7.0", "300 images",
+                                    "1200 images", "750 steps", "32 px"],
+                          "external AUC": [0.664, 0.621, 0.647, 0.564, 0.662, 0.578, 0.669],
+                          "CPU-min": [31.4, 31.4, 31.4, 28.6, 36.9, 18.5, 8.0]})
+    table = table.assign(lo=table["external AUC"] - 0.04, hi=table["external AUC"] + 0.04)
+    fig = lever_figure(table, "600 images (reference)")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = list(ax.texts)
+    assert sorted(t.get_text() for t in labels) == sorted(table["lever"])
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    overlapping = [(a.get_text(), b.get_text()) for i, (a, p) in enumerate(zip(labels, boxes))
+                   for b, q in zip(labels[i + 1:], boxes[i + 1:]) if p.overlaps(q)]
+    assert overlapping == []
+    points = {line.get_xydata()[0, 0] for line in ax.lines if line.get_marker() == "o"}
+    assert len(points) == len(table)   # equal costs are set side by side, not on one x
+    assert all(ax.bbox.x0 <= b.x0 and b.x1 <= ax.bbox.x1 for b in boxes)   # no label leaves the axes
+    plt.close(fig)

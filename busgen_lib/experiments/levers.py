@@ -254,17 +254,32 @@ def lever_table(per_seed: pd.DataFrame, costs: pd.DataFrame, reference: str, rat
 
 
 def lever_figure(table: pd.DataFrame, reference: str, test: str = "external") -> plt.Figure:
-    """Each lever's `test` AUC (mean over seeds, t-interval) against its CPU-minutes, the reference marked."""
+    """Each lever's `test` AUC (mean over seeds, t-interval) against its CPU-minutes, the reference marked.
+
+    Levers of one cost (guidance weights, say) are set side by side and their
+    labels stacked beside them, lowest AUC lowest, so none hides another.
+    """
     fig, ax = plt.subplots(figsize=(4.6, 3.0))
-    for k, (_, row) in enumerate(table.iterrows()):
-        mean, lo, hi = row[f"{test} AUC"], row["lo"], row["hi"]
-        colour = plotting.PALETTE["real"] if row["lever"] == reference else plotting.PALETTE["generated"]
-        ax.errorbar(row["CPU-min"], mean, yerr=[[mean - lo], [hi - mean]], fmt="o", color=colour, capsize=2)
-        # labels alternate above and below: levers of equal cost (e.g. two guidance weights) sit on one x
-        ax.annotate(row["lever"], (row["CPU-min"], mean), xytext=(4, 4 if k % 2 else -9), textcoords="offset points",
-                    fontsize=6)
+    cost = table["CPU-min"].to_numpy(float)
+    x_span = np.ptp(cost) or 1.0
+    label_gap = 0.06 * (np.nanmax(table["hi"]) - np.nanmin(table["lo"]) or 1.0)
+    for _, group in table.groupby(table["CPU-min"].round(1)):
+        group = group.sort_values(f"{test} AUC")
+        dodge = (np.arange(len(group)) - (len(group) - 1) / 2) * 0.012 * x_span
+        steps = label_gap * np.arange(len(group))   # label k at least k gaps above the lowest, never below its point
+        label_y = np.maximum.accumulate(group[f"{test} AUC"].to_numpy(float) - steps) + steps
+        # labels to the right, but to the left of a dear group that has cheaper points near it
+        right = group["CPU-min"].iloc[0] < cost.min() + 0.7 * x_span or group["CPU-min"].iloc[0] == cost.max()
+        for (_, row), x, y in zip(group.iterrows(), group["CPU-min"] + dodge, label_y):
+            mean, lo, hi = row[f"{test} AUC"], row["lo"], row["hi"]
+            colour = plotting.PALETTE["real"] if row["lever"] == reference else plotting.PALETTE["generated"]
+            ax.errorbar(x, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", color=colour, capsize=2)
+            label_x = group["CPU-min"].iloc[0] + (1 if right else -1) * (dodge.max() + 0.02 * x_span)
+            ax.annotate(row["lever"], (x, mean), xytext=(label_x, y), textcoords="data", fontsize=6, va="center",
+                        ha="left" if right else "right", arrowprops=dict(arrowstyle="-", lw=0.3, color="0.6"))
     ax.set(xlabel="CPU-minutes (generator training + sampling + one BUS-DM fit)", ylabel=f"{test} AUC",
            title=f"levers of the generated arm (dark: {reference})")
+    ax.set_xlim(cost.min() - 0.1 * x_span, cost.max() + 0.3 * x_span)   # room for the dearest lever's label
     ax.title.set_fontsize(8)
     fig.tight_layout()
     return fig
