@@ -36,16 +36,17 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    # 600 images: the smallest phantom (seed 0) with DCIS and TNBC images left for a judge beside 4 shots. 120
-    # synthetic images: notebook 05's shortcut remedy needs as many benign/malignant ones as its biased set (48).
+    # 600 images: the smallest phantom (seed 0) with DCIS and TNBC images left for a judge beside 4 shots. 200
+    # synthetic images: notebook 07's shortcut remedy needs as many benign/malignant ones as its biased set (126).
     "smoke": Profile("smoke", image_size=32, phantom_images=600, phantom_size=64, num_workers=0,
-                     eval_samples=12, probe_epochs=1, few_shots=4, synthetic_images=120, cpsample_steps=20,
+                     eval_samples=12, probe_epochs=1, few_shots=4, synthetic_images=200, cpsample_steps=20,
                      memorisation_steps=20, downstream_seeds=2),
     # demo generation: ~2 images/s on 2 cores at 64 px, so 1,000 + 2 x 150 images keep notebook 03 near 25 min.
     "demo": Profile("demo", image_size=64, phantom_images=3000, phantom_size=128, num_workers=0,
                     synthetic_images=1000, cpsample_steps=500),
     "paper": Profile("paper", image_size=160, phantom_images=100_000, phantom_size=256, num_workers=8,
-                     eval_samples=3000, probe_size=64, probe_epochs=30, synthetic_images=20_000,
+                     # 150,000 synthetic images: notebook 07's phantom scaling curve reaches 100,000 benign/malignant
+                     eval_samples=3000, probe_size=64, probe_epochs=30, synthetic_images=150_000,
                      cpsample_steps=20_000, downstream_seeds=5),
 }
 
@@ -239,7 +240,6 @@ def detector_settings(profile: str, **overrides) -> DetectorSettings:
 class StudySettings:
     held_out: tuple[str, ...]       # real sets held out in turn (leave-one-dataset-out, notebook 07)
     lodo_generated: int             # generated benign/malignant images per held-out fold
-    phantom_generated: int          # generated benign/malignant images from the phantom BUSGen (notebook 07)
     scaling_sizes: tuple[int, ...]  # training-set sizes of the data-scaling curves (Fig 4e)
     detector_repeats: int           # seeds per detector arm (Fig 3b-c): detectors cost the most
     scaling_repeats: int = 5        # random training sets per size of a scaling curve (§4.4: 5)
@@ -287,16 +287,17 @@ class StudySettings:
 
 
 STUDY: dict[str, StudySettings] = {
-    "smoke": StudySettings(held_out=("busi",), lodo_generated=32, phantom_generated=160,
+    "smoke": StudySettings(held_out=("busi",), lodo_generated=32,
                            scaling_sizes=(8, 16, 32), detector_repeats=1, scaling_repeats=2, lever_images=(16, 64),
                            lever_guidance=(0.0,), phantom_backbone="test_resnet",
                            lever_generators={"12 steps": {"train": {"steps": 12}}, "16 px": {"model": {"image_size": 16}}}),
     # demo: one held-out set (BUSI, the paper's Fig 4e set): a BUS-DM fit of ~1,000 images costs ~2 CPU-minutes
     # on the 2-core machine, and the study trains 3 arms x 3 seeds of BUS-DM plus Baseline-CLIP per fold.
-    "demo": StudySettings(held_out=("busi",), lodo_generated=600, phantom_generated=1000,
+    "demo": StudySettings(held_out=("busi",), lodo_generated=600,
                           # the real-data pool (BUSI held out: 160 malignant) fills class-balanced sets up to 320,
-                          # so five sizes reach 300; the phantom's real pool 400, its generated one 800
-                          scaling_sizes=(25, 50, 100, 200, 300, 400, 800), detector_repeats=2,
+                          # so five sizes reach 300, its generated one (600) 600; the phantom's real pool 400, its
+                          # generated one (notebook 03's base dataset: 666 benign/malignant) 600
+                          scaling_sizes=(25, 50, 100, 200, 300, 400, 600), detector_repeats=2,
                           lever_images=(300, 1200), lever_guidance=(3.5, 7.0), lodo_guidance=5.0,
                           # the generator's levers, each moved down from the reference (1,500 steps, widths 16-128,
                           # 64 px: 25 CPU-min; up would cost 2-4x its training on 2 cores), then the cheapest one's
@@ -312,7 +313,7 @@ STUDY: dict[str, StudySettings] = {
                           phantom_backbone="test_resnet", phantom_epochs=30, phantom_input_size=32,
                           screening_detection_images=600),
     "paper": StudySettings(held_out=("busi", "bus_uclm", "breast_lesions_usg"), lodo_generated=20_000,
-                           phantom_generated=100_000, scaling_sizes=(1_000, 3_000, 10_000, 30_000, 100_000),
+                           scaling_sizes=(1_000, 3_000, 10_000, 30_000, 100_000),
                            detector_repeats=5, lever_images=(5_000, 80_000), lever_guidance=(0.0, 3.5)),
 }
 
