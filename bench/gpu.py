@@ -1,4 +1,4 @@
-"""The `paper` profile on one GPU, fastest settings, in under 5 minutes (issue 15); run through bench/gpu.sh.
+"""The `paper` profile on one GPU, fastest settings, in under 5 minutes; run through bench/gpu.sh.
 
     bench/gpu.sh                                   # on a machine with a CUDA GPU
     python bench/gpu.py --allow-cpu --profile smoke --no-compile --budget 10   # CPU check of the script

@@ -1,4 +1,4 @@
-"""Steps × solver sweep: how few network evaluations keep the samples of the full chain (issue 15).
+"""Steps × solver sweep: how few network evaluations keep the samples of the full chain.
 
     python bench/solver_sweep.py --profile demo [--model DIR] [--manifest M] [--n 48] [--steps 5 8 12 15 20]
 

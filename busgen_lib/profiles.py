@@ -391,7 +391,7 @@ def get_prognosis(profile: str) -> PrognosisSettings:
     return _lookup(PROGNOSIS, profile)
 
 
-# --------------------------------------------------------------------------- CoLDiT (latent DiT on BI-RADS, issue 13)
+# --------------------------------------------------------------------------- CoLDiT (latent DiT on BI-RADS)
 # Read by diffusion/coldit.py (network) and diffusion/train.py (its two training stages). The source (a press
 # summary of the CoLDiT study) gives no sizes: "paper" is the DiT-B/2 of Peebles & Xie (12 layers, 12 heads x 64,
 # patch 2) over a 4-channel f=8 autoencoder at the profile's resolution, the usual latent-diffusion choice.

@@ -1,4 +1,4 @@
-"""Model folders and training checkpoints are written whole or not at all (issue 16: atomic writes)."""
+"""Model folders and training checkpoints are written whole or not at all (atomic writes)."""
 
 from pathlib import Path
 

@@ -1,5 +1,5 @@
 """Every stored pixel type becomes the right 0..1 intensity or is refused, in validation and loading alike
-(issue 14: a float TIFF in 0..1 used to load as an all-black image)."""
+(a float TIFF in 0..1 used to load as an all-black image)."""
 
 from __future__ import annotations
 

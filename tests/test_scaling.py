@@ -173,3 +173,19 @@ def test_feasible_sizes_are_those_every_pool_can_fill_class_balanced():
         draw_subset(b.assign(patient_id=range(len(b))), size, seed=0)
     with pytest.raises(UsageError):   # and the first size beyond them does not
         draw_subset(a.assign(patient_id=range(len(a))), 10, seed=0)
+
+
+def test_the_scaling_figure_labels_each_measured_size_once_as_a_plain_number():
+    import matplotlib.pyplot as plt
+
+    from busgen_lib.evaluate.scaling import scaling_figure
+
+    sizes = [25, 50, 100, 200, 300, 400, 600]
+    summary = pd.DataFrame([{"name": name, "size": s, "repeats": 5, "auc": 0.7, "auc_lo": 0.6, "auc_hi": 0.8,
+                             "loss": 0.6, "loss_lo": 0.5, "loss_hi": 0.7} for name in ("real", "generated") for s in sizes])
+    fig = scaling_figure(summary)
+    fig.canvas.draw()
+    axis = fig.axes[1].xaxis
+    shown = [t.get_text() for t in axis.get_ticklabels() + axis.get_ticklabels(minor=True) if t.get_text()]
+    assert [float(t) for t in shown] == sizes
+    plt.close(fig)

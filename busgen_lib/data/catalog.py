@@ -96,7 +96,7 @@ def real_pool(datasets_dir: str | Path, runs_dir: str | Path, include: tuple[str
     """The real sets in `include` pooled into one manifest, each set's name as its `device`.
 
     Each public set comes from its own hospital and scanner mix, so the source
-    set is the device condition of a BUSGen pretrained on real data (issue 10's
+    set is the device condition of a BUSGen pretrained on real data (notebook 07's
     leave-one-dataset-out design). Written once as `runs/<profile>/data/pool_<names>.csv`.
     """
     from busgen_lib.data.manifest import concat_manifests, read_manifest, write_manifest

@@ -1,4 +1,4 @@
-"""How the sampler's network evaluations run: precision, memory format, compilation (issue 15, "Cheaper evaluations").
+"""How the sampler's network evaluations run: precision, memory format, compilation.
 
 None of these changes the algorithm of sample.py; they change what one evaluation
 of ε_θ costs. Defaults are fp32, contiguous, eager: exactly the reference.

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as ticker
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
@@ -195,6 +196,11 @@ def scaling_figure(summary: pd.DataFrame) -> plt.Figure:
             ax.plot(g["size"], g[metric], marker="o", label=name, color=color)
             ax.fill_between(g["size"], g[f"{metric}_lo"], g[f"{metric}_hi"], alpha=0.25, color=color)
         ax.set(ylabel={"loss": "test loss (cross-entropy)", "auc": "test AUC"}[metric], xscale="log", ylim=limits)
+    # the measured sizes as plain numbers: a log axis would label its minor ticks (3x10^1, 4x10^1, ...) over each other
+    axes[1].set_xticks(sorted(summary["size"].unique()))
+    axes[1].xaxis.set_major_formatter(ticker.ScalarFormatter())
+    axes[1].xaxis.set_minor_formatter(ticker.NullFormatter())
+    axes[1].tick_params(axis="x", labelrotation=45)
     axes[1].set_xlabel("training images")
     axes[0].legend()
     fig.tight_layout()

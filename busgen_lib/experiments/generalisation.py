@@ -2,7 +2,7 @@
 
 The paper's claim (§2.5, Fig 4f–g): "BUS-DM, trained only on generated data,
 enjoyed better generalization ability than baseline models trained on real
-data". On the public sets it is tested like this (issue 10): BUSGen is
+data". On the public sets it is tested like this: BUSGen is
 pretrained on all real sets but one, with the source set as the device
 condition; a category- and device-balanced benign/malignant set is generated;
 the same classifier recipe is trained, with several seeds, on the real training
