@@ -295,8 +295,8 @@ STUDY: dict[str, StudySettings] = {
     # on the 2-core machine, and the study trains 3 arms x 3 seeds of BUS-DM plus Baseline-CLIP per fold.
     "demo": StudySettings(held_out=("busi",), lodo_generated=600,
                           # the real-data pool (BUSI held out: 160 malignant) fills class-balanced sets up to 320,
-                          # so five sizes reach 300, its generated one (600) 600; the phantom's real pool 400, its
-                          # generated one (notebook 03's base dataset: 666 benign/malignant) 600
+                          # so five sizes reach 300, its generated one (600) 600; the phantom's real pool (388
+                          # malignant) fills 776 and its generated one (notebook 03's base dataset) 666: both reach 600
                           scaling_sizes=(25, 50, 100, 200, 300, 400, 600), detector_repeats=2,
                           lever_images=(300, 1200), lever_guidance=(3.5, 7.0), lodo_guidance=5.0,
                           # the generator's levers, each moved down from the reference (1,500 steps, widths 16-128,

@@ -76,7 +76,7 @@ def test_generator_variants_train_beside_the_reference_and_cost_their_own_networ
     from busgen_lib.diffusion.checkpoint import load_model
     from busgen_lib.errors import UsageError
     from busgen_lib.experiments.coldit import unet_step_flops
-    from busgen_lib.experiments.levers import Lever, lever_costs, lever_sets, one_knob_levers, pretrain_variants
+    from busgen_lib.experiments.levers import lever_costs, lever_sets, one_knob_levers, pretrain_variants
 
     variants = {"3 steps": {"train": {"steps": 3, "batch_size": 4}},
                 "16 px": {"train": {"steps": 2, "batch_size": 4}, "model": {"image_size": 16}}}

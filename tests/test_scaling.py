@@ -182,7 +182,8 @@ def test_the_scaling_figure_labels_each_measured_size_once_as_a_plain_number():
 
     sizes = [25, 50, 100, 200, 300, 400, 600]
     summary = pd.DataFrame([{"name": name, "size": s, "repeats": 5, "auc": 0.7, "auc_lo": 0.6, "auc_hi": 0.8,
-                             "loss": 0.6, "loss_lo": 0.5, "loss_hi": 0.7} for name in ("real", "generated") for s in sizes])
+                             "loss": 0.6, "loss_lo": 0.5, "loss_hi": 0.7}
+                            for name in ("real", "generated") for s in sizes])
     fig = scaling_figure(summary)
     fig.canvas.draw()
     axis = fig.axes[1].xaxis
