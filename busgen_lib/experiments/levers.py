@@ -269,12 +269,13 @@ def lever_figure(table: pd.DataFrame, reference: str, test: str = "external") ->
         steps = label_gap * np.arange(len(group))   # label k at least k gaps above the lowest, never below its point
         label_y = np.maximum.accumulate(group[f"{test} AUC"].to_numpy(float) - steps) + steps
         # labels to the right, but to the left of a dear group that has cheaper points near it
-        right = group["CPU-min"].iloc[0] < cost.min() + 0.7 * x_span or group["CPU-min"].iloc[0] == cost.max()
+        group_cost = group["CPU-min"].iloc[0]
+        right = group_cost < cost.min() + 0.7 * x_span or group_cost == cost.max()
+        label_x = group_cost + (1 if right else -1) * (dodge.max() + 0.02 * x_span)
         for (_, row), x, y in zip(group.iterrows(), group["CPU-min"] + dodge, label_y):
             mean, lo, hi = row[f"{test} AUC"], row["lo"], row["hi"]
             colour = plotting.PALETTE["real"] if row["lever"] == reference else plotting.PALETTE["generated"]
             ax.errorbar(x, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", color=colour, capsize=2)
-            label_x = group["CPU-min"].iloc[0] + (1 if right else -1) * (dodge.max() + 0.02 * x_span)
             ax.annotate(row["lever"], (x, mean), xytext=(label_x, y), textcoords="data", fontsize=6, va="center",
                         ha="left" if right else "right", arrowprops=dict(arrowstyle="-", lw=0.3, color="0.6"))
     ax.set(xlabel="CPU-minutes (generator training + sampling + one BUS-DM fit)", ylabel=f"{test} AUC",
