@@ -276,10 +276,6 @@ class StudySettings:
     # 32 px (the 64 px scaling curve: 0.765 at 400); 14 s per fit against 33. Halving the epochs instead (15 at
     # lr 3e-3) lost: generated 0.601 and 0.669.
     phantom_input_size: int | None = None
-    # Seeds per arm of the phantom studies (notebook 05, notebook 07's phantom sections); None: the profile's
-    # downstream repeats. demo 5, the paper's protocol: on the phantom recipe they fit the budget (notebook 07's
-    # held-out-device drops had moved by 0.1 between two 3-seed runs on different generated sets).
-    phantom_repeats: int | None = None
 
     @property
     def phantom_recipe(self) -> dict:
@@ -315,7 +311,7 @@ STUDY: dict[str, StudySettings] = {
                                             "32 px 3000 steps": {"train": {"steps": 3000},
                                                                  "model": {"image_size": 32}}},
                           phantom_backbone="test_resnet", phantom_epochs=30, phantom_input_size=32,
-                          phantom_repeats=5, screening_detection_images=600),
+                          screening_detection_images=600),
     "paper": StudySettings(held_out=("busi", "bus_uclm", "breast_lesions_usg"), lodo_generated=20_000,
                            scaling_sizes=(1_000, 3_000, 10_000, 30_000, 100_000),
                            detector_repeats=5, lever_images=(5_000, 80_000), lever_guidance=(0.0, 3.5)),
